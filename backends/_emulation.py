@@ -1,0 +1,248 @@
+"""Device emulation on CPU: a stand-in for ``torch_mlu`` (and for ``torch.cuda``) whose tensors live on the CPU.
+
+``GLMPORT_EMULATE=mlu`` is both the CI stand-in for Cambricon hardware and a user feature: a laptop tells
+you whether a training step is 64-bit clean before you book accelerator time.
+
+What is emulated:
+
+* a ``torch_mlu`` module in ``sys.modules`` and the ``torch.mlu`` namespace it installs on real hardware
+  (device count and selection, synchronize, seeding and RNG state, memory statistics, bf16 support,
+  autocast), so that glmport *and* transformers/accelerate take their MLU code paths;
+* the MLU 64-bit policy: the backend narrows batches and the 64-bit guard is on by default;
+* MLU kernels that take 32-bit indices where the CPU kernel insists on int64: the ops in
+  :data:`CPU_KERNELS_NEEDING_INT64` get their int32 index arguments widened inside the emulator, after
+  the guard has checked them. This list is the complete set of such upcasts.
+
+What is not: tensors stay on the CPU (``torch.device("mlu")`` is not made a valid device string; a pure
+Python device cannot hold a real model's storage), so placement reports ``cpu`` and the env report says
+"emulated". Knobs: ``GLMPORT_EMULATE_DEVICE_COUNT`` (default 1) and ``GLMPORT_EMULATE_BF16`` (default 1;
+0 emulates an MLU370, which has no bf16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import os
+import sys
+import types
+
+EMULATED_VERSION = "0.0.0+glmport.emulated"
+
+# aten ops whose CPU kernels reject int32 index/target tensors although the MLU kernels take them.
+# Widening happens inside the emulator only; the guard sees the int32 argument the model really passed.
+CPU_KERNELS_NEEDING_INT64 = frozenset(
+    {
+        "aten.nll_loss_forward.default",
+        "aten.nll_loss_backward.default",
+        "aten.nll_loss2d_forward.default",
+        "aten.nll_loss2d_backward.default",
+    }
+)
+
+
+def emulated_names(environ=None) -> set[str]:
+    """Device types named in ``GLMPORT_EMULATE`` (comma separated)."""
+    raw = (environ if environ is not None else os.environ).get("GLMPORT_EMULATE", "")
+    return {part.strip().lower() for part in raw.split(",") if part.strip()}
+
+
+def _emulated_count() -> int:
+    raw = os.environ.get("GLMPORT_EMULATE_DEVICE_COUNT", "1")
+    try:
+        return max(int(raw), 1)
+    except ValueError:
+        return 1
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _rss() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in bytes."""
+    current = peak = 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    current = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        current = peak
+    return current, max(peak, current)
+
+
+def _reset_rss_peak() -> None:
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def make_device_namespace(device_type: str, *, bf16: bool = True) -> types.ModuleType:
+    """A module with the ``torch.cuda``/``torch.mlu`` API subset glmport, transformers and accelerate use,
+    backed by the CPU."""
+    import torch
+
+    ns = types.ModuleType(f"torch.{device_type}")
+    state = {"current": 0}
+    count = _emulated_count()
+
+    def is_available() -> bool:
+        return True
+
+    def device_count() -> int:
+        return count
+
+    def current_device() -> int:
+        return state["current"]
+
+    def set_device(device) -> None:
+        index = device.index if isinstance(device, torch.device) else int(device)
+        if not 0 <= (index or 0) < count:
+            raise RuntimeError(f"emulated {device_type}: invalid device ordinal {index} (count {count})")
+        state["current"] = index or 0
+
+    def synchronize(device=None) -> None:
+        return None
+
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def get_rng_state(device=None):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device=None) -> None:
+        torch.set_rng_state(new_state)
+
+    def get_rng_state_all():
+        return [torch.get_rng_state() for _ in range(count)]
+
+    def set_rng_state_all(states) -> None:
+        if states:
+            torch.set_rng_state(states[0])
+
+    def memory_allocated(device=None) -> int:
+        return _rss()[0]
+
+    def max_memory_allocated(device=None) -> int:
+        return _rss()[1]
+
+    def reset_peak_memory_stats(device=None) -> None:
+        _reset_rss_peak()
+
+    def mem_get_info(device=None):
+        total = _total_memory()
+        return max(total - _rss()[0], 0), total
+
+    random_ns = types.ModuleType(f"torch.{device_type}.random")
+    for fn in (manual_seed, get_rng_state, set_rng_state, get_rng_state_all, set_rng_state_all):
+        setattr(random_ns, fn.__name__, fn)
+
+    amp_ns = types.ModuleType(f"torch.{device_type}.amp")
+    amp_ns.autocast = lambda enabled=True, dtype=torch.bfloat16, cache_enabled=True: torch.autocast(
+        "cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled
+    )
+
+    ns.__dict__.update(
+        is_available=is_available,
+        device_count=device_count,
+        current_device=current_device,
+        set_device=set_device,
+        synchronize=synchronize,
+        manual_seed=manual_seed,
+        manual_seed_all=manual_seed,
+        seed=lambda: torch.seed(),
+        initial_seed=lambda: torch.initial_seed(),
+        get_rng_state=get_rng_state,
+        set_rng_state=set_rng_state,
+        get_rng_state_all=get_rng_state_all,
+        set_rng_state_all=set_rng_state_all,
+        random=random_ns,
+        amp=amp_ns,
+        memory_allocated=memory_allocated,
+        max_memory_allocated=max_memory_allocated,
+        memory_reserved=memory_allocated,
+        max_memory_reserved=max_memory_allocated,
+        reset_peak_memory_stats=reset_peak_memory_stats,
+        reset_max_memory_allocated=reset_peak_memory_stats,
+        empty_cache=lambda: None,
+        mem_get_info=mem_get_info,
+        is_bf16_supported=lambda *a, **k: bf16,
+        get_device_name=lambda device=None: f"emulated {device_type.upper()} (CPU)",
+        get_amp_supported_dtype=lambda: [torch.float16, torch.bfloat16] if bf16 else [torch.float16],
+        _is_in_bad_fork=lambda: False,
+        _glmport_emulated=True,
+    )
+    return ns
+
+
+def install_fake_torch_mlu() -> types.ModuleType:
+    """Put a fake ``torch_mlu`` in ``sys.modules`` and ``torch.mlu`` on torch. Idempotent."""
+    import torch
+
+    existing = sys.modules.get("torch_mlu")
+    if existing is not None:
+        return existing
+    bf16 = os.environ.get("GLMPORT_EMULATE_BF16", "1").strip().lower() not in {"0", "false", "no", "off"}
+    namespace = make_device_namespace("mlu", bf16=bf16)
+    module = types.ModuleType("torch_mlu")
+    # A real spec: importlib.util.find_spec (used by transformers and accelerate) raises on a module
+    # in sys.modules whose __spec__ is None.
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_mlu", loader=None, origin="glmport emulation")
+    module.__version__ = EMULATED_VERSION
+    module.mlu = namespace
+    module._glmport_emulated = True
+    sys.modules["torch_mlu"] = module
+    torch.mlu = namespace
+    return module
+
+
+def remove_emulation() -> None:
+    """Undo :func:`install_fake_torch_mlu` (tests): drop the fake module and the namespace it added."""
+    import torch
+
+    module = sys.modules.get("torch_mlu")
+    if module is not None and getattr(module, "_glmport_emulated", False):
+        del sys.modules["torch_mlu"]
+        if getattr(getattr(torch, "mlu", None), "_glmport_emulated", False):
+            del torch.mlu
+
+
+def _make_int32_kernel_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Int32KernelEmulation(TorchDispatchMode):
+        """Widen int32 index arguments for the CPU kernels in CPU_KERNELS_NEEDING_INT64."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if str(func) in CPU_KERNELS_NEEDING_INT64:
+                args = tuple(
+                    a.long() if isinstance(a, torch.Tensor) and a.dtype == torch.int32 else a for a in args
+                )
+            return func(*args, **kwargs)
+
+    return Int32KernelEmulation
+
+
+_MODE = None
+
+
+@contextlib.contextmanager
+def int32_kernel_emulation():
+    global _MODE
+    if _MODE is None:
+        _MODE = _make_int32_kernel_mode()
+    with _MODE():
+        yield

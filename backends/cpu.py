@@ -1,0 +1,51 @@
+"""The CPU backend: always available, 64-bit capable, gloo collectives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glmport.backends._memory import host_memory_stats, reset_host_peak
+
+from glmport.backend import Availability, Backend, MemoryStats
+from glmport.hookspecs import hookimpl
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    description = "host CPU (always available; memory stats are the process RSS)"
+    device_type = "cpu"
+    auto_priority = 0
+    collective_backend = "gloo"
+    visible_devices_env = None
+    deepspeed_accelerator = "cpu"
+
+    def availability(self) -> Availability:
+        return Availability(True, "the host CPU is always available")
+
+    def device_count(self) -> int:
+        return 1
+
+    def memory_stats(self) -> MemoryStats:
+        return host_memory_stats()
+
+    def reset_peak_memory(self) -> None:
+        reset_host_peak()
+
+    def supported_dtypes(self):
+        import torch
+
+        # fp32 first: without AMX, bf16 matmuls on a CPU are slower than fp32 and lose precision.
+        return [torch.float32, torch.bfloat16]
+
+    def preferred_dtype(self):
+        import torch
+
+        return torch.float32
+
+    def training_arguments(self) -> dict[str, Any]:
+        return {"use_cpu": True, **super().training_arguments()}
+
+
+@hookimpl
+def glmport_register_backends(registry) -> None:
+    registry.add(CpuBackend())

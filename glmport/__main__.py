@@ -1,0 +1,5 @@
+import sys
+
+from glmport.cli import main
+
+sys.exit(main())

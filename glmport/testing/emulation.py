@@ -1,0 +1,32 @@
+"""Turn device emulation on for a block of code (tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def emulating(*device_types: str):
+    """Set ``GLMPORT_EMULATE`` for the block and remove every trace afterwards (fake modules included)."""
+    previous = os.environ.get("GLMPORT_EMULATE")
+    os.environ["GLMPORT_EMULATE"] = ",".join(device_types)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("GLMPORT_EMULATE", None)
+        else:
+            os.environ["GLMPORT_EMULATE"] = previous
+        from glmport.backends._emulation import remove_emulation
+
+        remove_emulation()
+
+
+def cpu_int32_kernels():
+    """A context in which CPU kernels that insist on int64 indices (the ``nll_loss`` family) accept the
+    int32 ones a 32-bit device would take. For plugin authors who emulate a 32-bit device on the CPU:
+    return it from ``Backend.compute_context``."""
+    from glmport.backends._emulation import int32_kernel_emulation
+
+    return int32_kernel_emulation()

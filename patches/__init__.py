@@ -1,0 +1,1 @@
+"""Builtin patch sets for modeling_chatglm.py (installed as ``glmport.patches``)."""
