@@ -1,0 +1,170 @@
+"""``glmport data check`` and ``glmport data convert`` through the command line entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from glmport.data.loader import load_conversations
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+CHAT = FIXTURES / "chat.jsonl"  # three conversations: single turn, multi-turn with system, tools + tool call
+
+# Lengths of CHAT's samples by the ChatGLM3 layout at one token per character (hand-counted).
+TOOLS_SYSTEM_TEXT = ("Answer the following questions as best as you can. You have access to the following tools:\n"
+                     '[\n    {\n        "name": "f",\n        "parameters": {\n            "x": "int"\n        }\n    }\n]')
+SINGLE = 2 + (2 + 2) + (2 + 2) + 1  # [gMASK] sop, <|user|> \n hi, <|assistant|> \n ok, </s>
+MULTI = 2 + (2 + 8) + 4 * 4 + 1
+TOOLS = 2 + (2 + len(TOOLS_SYSTEM_TEXT)) + (2 + 5) + (1 + 2 + 28) + (2 + 8) + (2 + 6) + 1
+
+
+@pytest.fixture
+def glmport(monkeypatch, capsys):
+    import glmport.cli as cli
+
+    if "data" not in cli.COMMAND_MODULES:
+        # Until glmport/cli/__init__.py lists the data command (its owner registers it), add it here.
+        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "data"))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = cli.main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_check_prints_counts_and_percentiles(glmport):
+    code, out, _ = glmport("data", "check", CHAT)
+    assert code == 0
+    assert f"{CHAT}: 3 records in the conversations format, 3 valid; template chatglm3" in out
+    assert "character-level estimates" in out
+    assert "Messages: system 2, user 4, assistant 5, observation 1" in out
+    assert "Conversations: 1 multi-turn, 1 with tools" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == ["P50", "P90", "P99", "MAX"])
+    assert [int(v) for v in lines[header + 2].split()] == [MULTI, TOOLS, TOOLS, TOOLS]
+    assert "Trimmed by glmport: 0 of 3 samples" in out
+    assert "Eval samples: 5" in out
+
+
+def test_check_json_is_exact(glmport):
+    code, out, _ = glmport("data", "check", CHAT, "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        "file": str(CHAT),
+        "format": "conversations",
+        "template": "chatglm3",
+        "tokenizer": "estimate: one token per character (no --model)",
+        "records": 3,
+        "valid": 3,
+        "messages": {"system": 2, "user": 4, "assistant": 5, "observation": 1},
+        "multi_turn": 1,
+        "with_tools": 1,
+        "max_input_length": 256,
+        "max_output_length": 512,
+        "budget": 769,
+        "train_tokens": {"p50": MULTI, "p90": TOOLS, "p99": TOOLS, "max": TOOLS},
+        "trimmed": {"samples": 0, "tokens": 0, "messages": 0},
+        "upstream_truncation_loses_all_labels": 0,
+        "eval_samples": 5,  # one per reply, the tool call included
+        "skipped": [],
+    }
+
+
+def test_check_counts_trimming_and_what_upstream_would_lose(glmport, tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(CHAT.read_text().splitlines(keepends=True)[:2]))
+    code, out, _ = glmport("data", "check", path, "--max-input-length", "8", "--max-output-length", "4", "--json")
+    report = json.loads(out)
+    # The multi-turn sample (29 tokens, budget 13): the first turn goes, "go" goes, "be brief" keeps "ef".
+    assert report["trimmed"] == {"samples": 1, "tokens": MULTI - 13, "messages": 2}
+    # Upstream keeps its first 13 tokens: [gMASK] sop, the system message, <|user|>: no label left.
+    assert report["upstream_truncation_loses_all_labels"] == 1
+
+
+def test_check_show_prints_the_token_table(glmport):
+    code, out, _ = glmport("data", "check", CHAT, "--show", "1")
+    assert code == 0
+    table = out[out.index("Sample 1: 11 tokens"):]
+    lines = [line.split() for line in table.splitlines()[3:14]]
+    assert lines == [
+        ["64790", "-100", "'[gMASK]'"], ["64792", "-100", "'sop'"], ["64795", "-100", "'<|user|>'"],
+        ["355", "-100", "'\\n'"], ["276", "-100", "'h'"], ["277", "-100", "'i'"],
+        ["64796", "-100", "'<|assistant|>'"], ["355", "355", "'\\n'"], ["283", "283", "'o'"], ["279", "279", "'k'"],
+        ["2", "2", "'</s>'"],
+    ]
+    assert "Sample 2" not in out
+
+
+def test_check_impossible_budget_is_an_error_or_skipped(glmport):
+    code, _, err = glmport("data", "check", CHAT, "--max-input-length", "8", "--max-output-length", "4")
+    assert code == 2
+    assert f"glmport: error: {CHAT}: 1 of 3 records are invalid" in err
+    assert f"{CHAT}:3: even with the history dropped" in err
+
+    code, out, _ = glmport("data", "check", CHAT, "--max-input-length", "8", "--max-output-length", "4",
+                           "--skip-invalid", "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["records"], report["valid"]) == (3, 2)
+    assert [s["source"] for s in report["skipped"]] == [f"{CHAT}:3"]
+
+
+def test_check_invalid_record_exits_2_with_its_line(glmport, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(CHAT.read_text() + '{"conversations": [{"role": "user", "content": 1}]}\n')
+    code, _, err = glmport("data", "check", path)
+    assert code == 2
+    assert f"{path}:4: conversations[0].content: expected a string, got a number (1)" in err
+
+
+def test_check_with_a_model_folder_detects_its_template(glmport, tmp_path):
+    from glmport.tiny.tokenizer import GLM4, save_fast_tokenizer
+
+    save_fast_tokenizer(tmp_path / "model", GLM4)
+    code, out, _ = glmport("data", "check", CHAT, "--model", tmp_path / "model", "--combine", "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["template"], report["tokenizer"]) == ("glm4", str(tmp_path / "model"))
+    assert report["eval_samples"] == 3  # combine: the last reply of each conversation
+    # GLM-4 closes with <|user|> instead of </s>: the same lengths except the tools system message.
+    assert report["train_tokens"]["p50"] == MULTI
+
+
+def test_check_missing_file_and_bad_model(glmport, tmp_path):
+    code, _, err = glmport("data", "check", tmp_path / "none.jsonl")
+    assert code == 2 and "data file not found" in err
+    code, _, err = glmport("data", "check", CHAT, "--model", tmp_path / "nowhere")
+    assert code == 2 and f"--model {tmp_path / 'nowhere'}: no such folder" in err
+    code, _, err = glmport("data", "check", CHAT, "--model", tmp_path)
+    assert code == 2 and f"cannot load a tokenizer from {tmp_path}" in err
+
+
+@pytest.mark.parametrize("source", [CHAT, FIXTURES / "alpaca.json"])
+def test_convert_round_trips(glmport, tmp_path, source):
+    target = tmp_path / "out" / "converted.jsonl"
+    code, out, _ = glmport("data", "convert", source, target)
+    assert code == 0 and out.startswith("wrote ") and "-> conversations) to" in out
+    before, after = load_conversations(source), load_conversations(target)
+    assert after.format == "conversations"
+    assert [c.messages for c in after.conversations] == [c.messages for c in before.conversations]
+    assert [p.name for p in target.parent.iterdir()] == ["converted.jsonl"]  # no temporary left behind
+
+
+def test_convert_refuses_to_overwrite_its_input(glmport, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(CHAT.read_text())
+    code, _, err = glmport("data", "convert", path, tmp_path / "." / "train.jsonl")
+    assert code == 2 and "refusing to overwrite the input file" in err
+    assert path.read_text() == CHAT.read_text()
+
+
+def test_the_data_command_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, glmport.cli.data, glmport.data.loader, glmport.data.templates, glmport.data.stats;"
+            "print(','.join(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
