@@ -14,7 +14,7 @@ import sys
 from glmport import __version__
 from glmport.errors import GlmportError
 
-COMMAND_MODULES = ("info",)
+COMMAND_MODULES = ("info", "train", "data", "init_model")
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:

@@ -1,0 +1,141 @@
+"""Model folders: what they are, and loading them with the right patch set for a backend and mode.
+
+Two kinds of folders:
+
+* **native**: ``model_type: glm`` (transformers' ``GlmForCausalLM``, e.g. glm-4-9b-chat-hf, or a converted
+  ChatGLM3);
+* **remote**: ``model_type: chatglm`` with ``modeling_chatglm.py`` and friends in the folder (the ChatGLM3-6B
+  and GLM-4-9B-chat downloads), loaded with ``trust_remote_code``.
+
+Family (``chatglm3`` or ``glm4``) decides the chat template, LoRA targets and dtype rules. Patch sets are
+applied after the dynamic modules are imported and before the model is built; the user's folder is never
+written to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glmport.errors import ModelError
+
+log = logging.getLogger("glmport")
+
+GLM4_VOCAB = 151552
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    kind: str  # native | remote
+    family: str  # chatglm3 | glm4
+    config: dict[str, Any]
+
+    @property
+    def auto_map(self) -> dict[str, str]:
+        return self.config.get("auto_map", {})
+
+
+def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
+    """Read ``config.json`` and classify the folder, with errors that say what is wrong with it."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path}: not a model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    model_type = config.get("model_type")
+    if model_type == "glm":
+        kind = "native"
+        detected = "glm4" if config.get("vocab_size", 0) >= GLM4_VOCAB else "chatglm3"
+    elif model_type == "chatglm":
+        kind = "remote"
+        if not (path / "modeling_chatglm.py").is_file():
+            raise ModelError(f"{path}: config.json says model_type chatglm but modeling_chatglm.py is missing "
+                             "(remote-code folders ship it next to the weights)")
+        glm4 = "rope_ratio" in config or config.get("padded_vocab_size", 0) >= GLM4_VOCAB
+        detected = "glm4" if glm4 else "chatglm3"
+    else:
+        raise ModelError(
+            f"{config_file}: model_type {model_type!r} is not a GLM-family model; glmport trains ChatGLM3 / "
+            "GLM-4 remote-code folders (model_type chatglm) and native GLM folders (model_type glm)"
+        )
+    return ModelInfo(path, kind, detected if family in ("auto", None) else family, config)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+    dtype: Any
+    patches: Any = None  # glmport.patching.AppliedPatches, or None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_dtype(requested: str, backend, family: str, method: str):
+    """The dtype frozen base weights are loaded in (see the module docs of glmport.train.methods)."""
+    import torch
+
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    supported = backend.supported_dtypes()
+    if requested != "auto":
+        dtype = names[requested]
+        if dtype not in supported:
+            shown = ", ".join(str(d).replace("torch.", "") for d in supported)
+            raise ModelError(f"glmport.dtype {requested}: backend {backend.name} does not support it (supports {shown})")
+        return dtype, None
+    if method == "sft":  # every weight trains: fp32 master weights, half precision only through autocast
+        return torch.float32, None
+    dtype = backend.preferred_dtype()
+    if family == "glm4" and dtype == torch.float16:
+        return torch.float32, (
+            f"GLM-4 overflows in fp16 (NaN losses; zai-org/GLM-4#96) and backend {backend.name} has no bf16: "
+            "loading the base weights in fp32. Set glmport.dtype: fp16 to force it anyway."
+        )
+    return dtype, None
+
+
+def load_model(info: ModelInfo, backend, *, mode: str, dtype, allow_unverified: bool = False,
+               config_overrides: dict | None = None) -> LoadedModel:
+    """Load tokenizer and model from ``info.path`` for ``mode`` (``train``/``infer``) on ``backend``."""
+    from glmport.patching.session import patch_session
+
+    session = patch_session(info, backend, mode, allow_unverified=allow_unverified)
+    try:
+        if info.kind == "native":
+            model, tokenizer = _load_native(info, dtype, config_overrides)
+        else:
+            model, tokenizer = _load_remote(info, dtype, session, config_overrides)
+    except Exception:
+        session.undo()
+        raise
+    session.verify_after_build(model)
+    return LoadedModel(model, tokenizer, info, dtype, session)
+
+
+def _load_native(info: ModelInfo, dtype, config_overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+    config = AutoConfig.from_pretrained(str(info.path))
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_pretrained(str(info.path), config=config, dtype=dtype)
+    return model, tokenizer
+
+
+def _load_remote(info: ModelInfo, dtype, session, config_overrides):
+    config_cls, model_cls, tokenizer_cls = session.remote_classes
+    tokenizer = tokenizer_cls.from_pretrained(str(info.path))
+    config = config_cls.from_pretrained(str(info.path))
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    config.torch_dtype = dtype  # the remote code builds its layers in config.torch_dtype
+    model = model_cls.from_pretrained(str(info.path), config=config, dtype=dtype, empty_init=False)
+    return model, tokenizer

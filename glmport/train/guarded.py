@@ -1,0 +1,43 @@
+"""Running a model's forward the way the backend wants it, outside the Trainer's own steps.
+
+Generation calls the model's forward once per new token from transformers' loop; those inputs (token ids
+from ``argmax``, cache positions) are int64 by torch's rules. Wrapping the forward narrows them like any
+other batch, runs the backend's compute context and, when asked, the 64-bit guard, so "the step is
+64-bit clean" covers generation too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from glmport.guard import sixty_four_bit_guard
+
+
+def innermost_model(model):
+    """The transformers model under peft wrappers (whose forward generation calls)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def guarded_forward(model, backend, guard_mode: str | None, on_report=None):
+    target = innermost_model(model)
+    original = target.forward
+    policy = backend.sixty_four_bit_policy()
+    use_guard = bool(guard_mode) and policy.lacks_64bit
+
+    def forward(*args, **kwargs):
+        args, kwargs = backend.coerce(args, where="forward args"), backend.coerce(kwargs, where="forward")
+        with backend.compute_context():
+            if not use_guard:
+                return original(*args, **kwargs)
+            with sixty_four_bit_guard(policy.narrow.keys(), label=backend.name, mode=guard_mode) as report:
+                result = original(*args, **kwargs)
+            if on_report is not None:
+                on_report(report)
+            return result
+
+    target.forward = forward
+    try:
+        yield
+    finally:
+        del target.forward  # back to the class's method

@@ -1,0 +1,129 @@
+"""glmport's Trainer: transformers' ``Seq2SeqTrainer`` with the device questions asked of the backend.
+
+What it changes, and why:
+
+* every batch is narrowed by the backend (``Backend.coerce``) before it is moved, and each step runs in
+  the backend's compute context and, where the device lacks 64-bit kernels, the 64-bit guard;
+* the loss is computed here (:mod:`glmport.train.loss`) instead of by the model, normalized over all
+  label tokens of the accumulated batch;
+* evaluation computes the eval loss on the full sequence and generates from the left-padded prompt;
+* checkpoints are marked complete only after every file is written (see :mod:`glmport.train.resume`).
+
+No second training loop: the Trainer's own loop, scheduler, accumulation, logging and saving are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import Seq2SeqTrainer
+
+from glmport.guard import GuardReport, sixty_four_bit_guard
+from glmport.train.loss import model_loss_sum
+from glmport.train.resume import MARKER
+
+GEN_KEYS = ("gen_input_ids", "gen_attention_mask", "gen_position_ids", "gen_output_ids")
+
+
+class GlmTrainer(Seq2SeqTrainer):
+    def __init__(self, *args, backend, guard_mode: str | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.guard_mode = guard_mode  # None: off; "error" or "report"
+        self.guard_report = GuardReport()
+        self.tokens_seen = 0
+        self.label_tokens_seen = 0
+        # Let the Trainer count label tokens across the accumulated batch and hand us the total.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self.loss_is_scaled_for_ga = True
+
+    # --- device policy around a step ------------------------------------------------------------
+    @contextlib.contextmanager
+    def device_step(self):
+        """Backend compute context plus (optionally) the 64-bit guard, for one unit of device work."""
+        policy = self.backend.sixty_four_bit_policy()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.backend.compute_context())
+            if self.guard_mode and policy.lacks_64bit:
+                report = stack.enter_context(
+                    sixty_four_bit_guard(policy.narrow.keys(), label=self.backend.name, mode=self.guard_mode)
+                )
+                try:
+                    yield
+                finally:
+                    self._merge(report)
+            else:
+                yield
+
+    def _merge(self, report: GuardReport) -> None:
+        self.guard_report.ops_checked += report.ops_checked
+        known = {(leak.op, leak.site) for leak in self.guard_report.leaks}
+        self.guard_report.leaks.extend(leak for leak in report.leaks if (leak.op, leak.site) not in known)
+
+    def _prepare_inputs(self, inputs):
+        return super()._prepare_inputs(self.backend.coerce(inputs))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.tokens_seen += int(inputs["attention_mask"].sum())
+        self.label_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
+        with self.device_step():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        loss_sum, count, outputs = model_loss_sum(model, {k: v for k, v in inputs.items() if k not in GEN_KEYS}, labels)
+        # One normalization over every label token of the accumulated batch (the Trainer counts them),
+        # so gradient accumulation and uneven batches weigh tokens equally.
+        denominator = float(num_items_in_batch) if num_items_in_batch is not None else float(max(count, 1))
+        loss = loss_sum / max(denominator, 1.0)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        inputs = self._prepare_inputs(inputs)
+        gen = {k: inputs.pop(k) for k in GEN_KEYS if k in inputs}
+        with torch.no_grad(), self.device_step():
+            labels = inputs["labels"]
+            loss_sum, count, _ = model_loss_sum(model, {k: v for k, v in inputs.items() if k != "labels"}, labels)
+            loss = (loss_sum / max(count, 1)).detach()
+        if prediction_loss_only or not self.args.predict_with_generate or not gen:
+            return loss, None, None
+        generated = self._generate(model, gen, gen_kwargs)
+        return loss, generated, gen["gen_output_ids"]
+
+    def _generate(self, model, gen: dict, gen_kwargs: dict):
+        from glmport.train.guarded import guarded_forward
+
+        kwargs = dict(self._gen_kwargs) if hasattr(self, "_gen_kwargs") and not gen_kwargs else dict(gen_kwargs)
+        kwargs.pop("synced_gpus", None)
+        prompt = gen["gen_input_ids"]
+        config = self.model.generation_config
+        with torch.no_grad(), guarded_forward(self.model, self.backend, self.guard_mode, self._merge):
+            out = self.model.generate(
+                input_ids=prompt, attention_mask=gen["gen_attention_mask"], generation_config=config, **kwargs
+            )
+        return out[:, prompt.shape[1]:]
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        writing = folder / ".glmport_writing"
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / MARKER).unlink(missing_ok=True)
+            writing.touch()
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and folder.is_dir():
+            marker = {"step": self.state.global_step, "time": time.time(), "files": sorted(os.listdir(folder))}
+            tmp = folder / (MARKER + ".tmp")
+            tmp.write_text(json.dumps(marker, indent=2))
+            os.replace(tmp, folder / MARKER)
+            writing.unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+"""Native GLM (transformers' ``GlmModel``): build the attention mask with 32-bit indices.
+
+transformers builds causal/padding masks from ``torch.arange`` index tensors, which are int64; on a device
+without 64-bit kernels every mask of every step is computed through narrowed data. This replacement of
+``create_causal_mask`` (as imported by ``modeling_glm``) compares int32 positions instead. It returns
+``None`` where no mask is needed (no padding: the attention kernel's causal flag does the job) and
+otherwise a ``[batch, 1, query, key]`` mask: boolean for SDPA-style kernels, additive float for eager.
+Each query row can at least see itself, so left-padded rows never softmax over nothing.
+"""
+
+from __future__ import annotations
+
+from glmport.patching import Patch
+
+
+def mask32(config, inputs_embeds, attention_mask, past_key_values=None, position_ids=None, **_ignored):
+    import torch
+
+    batch, query = inputs_embeds.shape[:2]
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    keys = past + query
+    padded = attention_mask is not None and not bool((attention_mask[:, -keys:] != 0).all())
+    if not padded and (query == 1 or past == 0):
+        return None
+    device = inputs_embeds.device
+    q_pos = torch.arange(past, keys, dtype=torch.int32, device=device)
+    k_pos = torch.arange(keys, dtype=torch.int32, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if padded:
+        allowed = allowed & (attention_mask[:, None, None, -keys:] != 0)
+    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
+    allowed = allowed.expand(batch, 1, query, keys)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        blocked = torch.finfo(inputs_embeds.dtype).min
+        return torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(~allowed, blocked)
+    return allowed
+
+
+def apply(ctx) -> None:
+    ctx.replace("create_causal_mask", mask32)
+
+
+PATCH = Patch(
+    id="native-mask32",
+    family="glm-native",
+    file="transformers",
+    replaces=("create_causal_mask",),
+    why="transformers' mask builder indexes with int64 aranges; build the causal/padding mask from int32 positions",
+    apply=apply,
+    backends=("mlu",),
+)
