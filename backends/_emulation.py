@@ -236,6 +236,28 @@ def _make_int32_kernel_mode():
     return Int32KernelEmulation
 
 
+def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p=0.0, softmax_scale=None, causal=False):
+    """A CPU stand-in for ``flash_attn_varlen_func``: attention per packed sequence with SDPA.
+
+    Emulated devices offer it so the patch sets' variable-length path (int32 ``cu_seqlens``, unpadding,
+    causal flag) runs in CI exactly as it would with the device's kernel.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.empty_like(q)
+    for i in range(len(starts_q) - 1):
+        qs, qe, ks, ke = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
+        seg = F.scaled_dot_product_attention(
+            q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
+            dropout_p=dropout_p, is_causal=causal, scale=softmax_scale,
+        )
+        out[qs:qe] = seg.transpose(0, 1)
+    return out
+
+
 _MODE = None
 
 

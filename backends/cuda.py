@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-from glmport.backends._emulation import emulated_names, make_device_namespace
+from glmport.backends._emulation import emulated_names, make_device_namespace, reference_varlen_attention
 from glmport.backends._env import patched_environ
 from glmport.backends._memory import host_memory_stats, reset_host_peak
 
@@ -26,7 +26,6 @@ class CudaBackend(Backend):
     auto_priority = 200
     collective_backend = "nccl"
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
-    deepspeed_accelerator = "cuda"
     deepspeed_min_version = "0.9.0"
 
     def __init__(self) -> None:
@@ -35,6 +34,10 @@ class CudaBackend(Backend):
     @property
     def emulated(self) -> bool:
         return "cuda" in emulated_names()
+
+    @property
+    def deepspeed_accelerator(self) -> str:
+        return "cpu" if self.emulated else "cuda"
 
     def _module(self):
         """``torch.cuda``, or the CPU-backed stand-in under ``GLMPORT_EMULATE=cuda``."""
@@ -118,13 +121,24 @@ class CudaBackend(Backend):
             return nullcontext()
         return torch.autocast(device_type="cpu" if self.emulated else "cuda", dtype=dtype)
 
+    def varlen_attention(self):
+        """flash-attn's ``flash_attn_varlen_func`` when installed (CUDA build); the emulator's CPU
+        reference under GLMPORT_EMULATE=cuda."""
+        if self.emulated:
+            return reference_varlen_attention
+        try:
+            from flash_attn.flash_attn_interface import flash_attn_varlen_func
+        except Exception:
+            return None
+        return flash_attn_varlen_func
+
     def training_arguments(self) -> dict[str, Any]:
         if self.emulated:  # tensors live on the CPU: gloo is the collective that can move them
             return {"use_cpu": True, **({"ddp_backend": "gloo"} if launched_distributed() else {})}
         return super().training_arguments()
 
     def environment(self) -> dict[str, str]:
-        return {"GLMPORT_EMULATE": "cuda"} if self.emulated else {}
+        return {"GLMPORT_EMULATE": "cuda", "DS_ACCELERATOR": "cpu"} if self.emulated else {}
 
 
 @hookimpl

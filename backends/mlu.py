@@ -15,7 +15,12 @@ import os
 from contextlib import nullcontext
 from typing import Any
 
-from glmport.backends._emulation import emulated_names, install_fake_torch_mlu, int32_kernel_emulation
+from glmport.backends._emulation import (
+    emulated_names,
+    install_fake_torch_mlu,
+    int32_kernel_emulation,
+    reference_varlen_attention,
+)
 from glmport.backends._env import patched_environ
 from glmport.backends._memory import host_memory_stats, reset_host_peak
 
@@ -35,7 +40,6 @@ class MluBackend(Backend):
     auto_priority = 300
     collective_backend = "cncl"
     visible_devices_env = "MLU_VISIBLE_DEVICES"
-    deepspeed_accelerator = "mlu"
     # Upstream DeepSpeed has an MLU accelerator since 0.15.2; older Cambricon stacks ship the fork
     # "deepspeed-mlu", which installs the same import package under another distribution name.
     deepspeed_distributions = ("deepspeed", "deepspeed-mlu", "deepspeed_mlu")
@@ -44,6 +48,12 @@ class MluBackend(Backend):
     @property
     def emulated(self) -> bool:
         return "mlu" in emulated_names()
+
+    @property
+    def deepspeed_accelerator(self) -> str:
+        # DeepSpeed picks its accelerator by probing imports (a fake torch_mlu counts); emulated tensors
+        # live on the CPU, so it must use its CPU accelerator.
+        return "cpu" if self.emulated else "mlu"
 
     def availability(self) -> Availability:
         if self.emulated:
@@ -137,6 +147,17 @@ class MluBackend(Backend):
             {torch.int64: torch.int32, torch.float64: torch.float32, torch.complex128: torch.complex64}
         )
 
+    def varlen_attention(self):
+        """Cambricon ships flash-attn for MLU (the flash_attn package of its PyTorch container); the
+        emulator offers a CPU reference with the same signature."""
+        if self.emulated:
+            return reference_varlen_attention
+        try:
+            from flash_attn.flash_attn_interface import flash_attn_varlen_func
+        except Exception:  # not installed, or built for another device
+            return None
+        return flash_attn_varlen_func
+
     def compute_context(self):
         return int32_kernel_emulation() if self.emulated else nullcontext()
 
@@ -147,7 +168,7 @@ class MluBackend(Backend):
 
     def environment(self) -> dict[str, str]:
         if self.emulated:
-            return {"GLMPORT_EMULATE": "mlu"}
+            return {"GLMPORT_EMULATE": "mlu", "DS_ACCELERATOR": "cpu"}
         return {"PYTORCH_CNDEV_BASED_MLU_CHECK": "1"}
 
 

@@ -153,6 +153,16 @@ class Backend:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=dtype)
 
+    def varlen_attention(self):
+        """The device's variable-length attention kernel, or ``None``.
+
+        The callable takes ``(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        dropout_p=0.0, softmax_scale=None, causal=False)`` with q/k/v as ``[total_tokens, heads, head_dim]``
+        and int32 ``cu_seqlens`` (the flash-attn ``flash_attn_varlen_func`` convention). Patch sets use it
+        to attend over padded batches without materializing ``[batch, 1, seq, seq]`` masks.
+        """
+        return None
+
     def compute_context(self) -> AbstractContextManager:
         """A context entered around every training step and guarded forward. Real devices need none;
         emulated ones use it to run device-specific kernel semantics on the CPU."""

@@ -62,7 +62,13 @@ def make_plugin_manager(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Positional arguments may follow options (`glmport train CONFIG --backend mlu KEY=VALUE`):
+    # commands that take free arguments collect what argparse left over.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "arguments") or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.arguments.extend(extra)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

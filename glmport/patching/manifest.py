@@ -51,7 +51,7 @@ def sha256_raw(data: bytes) -> str:
 
 def sha256_normalized(data: bytes) -> str:
     text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    lines = [line.rstrip() for line in text.split("\n")]
+    lines = [line.rstrip(" \t\r\f\v") for line in text.split("\n")]
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 

@@ -56,6 +56,7 @@ class PatchContext:
     mode: str
     revision: str | None
     state: dict[str, Any]  # process state captured before the remote modules were imported
+    module_family: str = ""  # chatglm3 | glm4 | glm-native
 
     def replace(self, dotted: str, value: Any, *, module: Any = None) -> None:
         owner, name = resolve_owner(module or self.module, dotted)

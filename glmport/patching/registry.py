@@ -18,11 +18,12 @@ class PatchRegistry:
         if patch_set.name in self.sets:
             raise PluginError(f"patch set {patch_set.name!r} is registered twice: by {self.origin[patch_set.name]!r} "
                               f"and by {self._current_plugin!r}")
-        seen = {p.id for s in self.sets.values() for p in s.patches}
+        seen = set()
         for patch in patch_set.patches:
-            if patch.id in seen:
-                raise PluginError(f"patch id {patch.id!r} of set {patch_set.name!r} ({self._current_plugin}) is already taken")
-            seen.add(patch.id)
+            if (patch.family, patch.id) in seen:
+                raise PluginError(f"patch set {patch_set.name!r} ({self._current_plugin}) has two patches "
+                                  f"{patch.family}/{patch.id}")
+            seen.add((patch.family, patch.id))
         self.sets[patch_set.name] = patch_set
         self.origin[patch_set.name] = self._current_plugin
 

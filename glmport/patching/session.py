@@ -109,7 +109,22 @@ def make_plan(info, backend: str, mode: str, registry, *, modules: dict | None =
         reason = patch.why if identity.known else f"UNVERIFIED revision: {patch.why}"
         plan.entries.append(PlannedPatch(patch_set.name, patch, "apply", reason))
 
+    owners: dict[tuple[str, str], str] = {}
+    for entry in plan.to_apply:
+        for target in entry.patch.replaces + entry.patch.adds:
+            key = (entry.patch.file, target)
+            if key in owners:
+                plan.problems.append(Problem(
+                    f"patch {entry.set_name}/{entry.patch.id}",
+                    f"replaces {target}, which {owners[key]} already replaces for this backend and mode",
+                    "two patch sets overlap; disable the plugin that contributes one of them"))
+            owners[key] = f"{entry.set_name}/{entry.patch.id}"
+
     if modules is not None:
+        for entry in plan.to_apply:
+            if entry.patch.file not in modules:
+                entry.status = "skip"
+                entry.reason = f"{entry.patch.file} code is not used by this folder (no tokenizer_config.json auto_map)"
         for entry in plan.to_apply:
             module = modules.get(entry.patch.file)
             for target in entry.patch.replaces:
@@ -236,7 +251,8 @@ def patch_session(info, backend, mode: str, *, allow_unverified: bool = False, r
     for entry in plan.to_apply:
         recorder.current_patch = entry.patch.id
         module = modules[entry.patch.file]
-        context = PatchContext(module, modules, recorder, backend, mode, plan.files[entry.patch.file].effective_revision, state)
+        context = PatchContext(module, modules, recorder, backend, mode, plan.files[entry.patch.file].effective_revision,
+                               state, plan.family)
         try:
             entry.patch.apply(context)
         except Exception as exc:

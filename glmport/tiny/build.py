@@ -65,6 +65,7 @@ def native_model(shape: TinyShape, layout: SpecialLayout, seed: int, used_ids: l
         tie_word_embeddings=False,
         pad_token_id=0 if layout.family == "chatglm3" else layout.specials["<|endoftext|>"],
         eos_token_id=_chat_eos_ids(layout),
+        bos_token_id=1 if layout.family == "chatglm3" else None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * shape.rope_ratio,
                          "partial_rotary_factor": 0.5},
     )

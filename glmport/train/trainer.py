@@ -72,6 +72,7 @@ class GlmTrainer(Seq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.tokens_seen += int(inputs["attention_mask"].sum())
         self.label_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
+        inputs = self.backend.coerce(inputs)  # host-side narrowing happens before the guarded step
         with self.device_step():
             return super().training_step(model, inputs, num_items_in_batch)
 
