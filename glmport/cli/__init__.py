@@ -14,7 +14,7 @@ import sys
 from glmport import __version__
 from glmport.errors import GlmportError
 
-COMMAND_MODULES = ("info", "train", "data", "init_model")
+COMMAND_MODULES = ("info", "train", "data", "init_model", "patch", "infer")
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         manager = make_plugin_manager(args)
-        if args.backend not in (None, "", "auto"):
+        if args.backend not in (None, "", "auto") and getattr(args, "checks_backend", True):
             # An explicit backend is checked before any work: it never falls back silently.
             from glmport.backend import select_backend
 
@@ -86,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("glmport: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stdout = None
+        return 0
     finally:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                pass
 
 
 def entry() -> None:  # pragma: no cover - console-script convenience

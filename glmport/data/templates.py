@@ -96,6 +96,13 @@ class Template:
             samples.append(EvalSample(prompt, output, conv.source))
         return samples
 
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The ids that ask for the next assistant reply after ``messages`` (inference)."""
+        ids = list(self.prefix)
+        for message in messages:
+            ids += self.render_message(message)[0]
+        return ids + [self.role_ids["assistant"]]
+
     def _eval_targets(self, rendered: Rendered) -> list[int]:
         # Replies marked "loss": false are examples of what not to learn: no point scoring against them.
         return [i for i, span in enumerate(rendered.spans) if span.role == "assistant" and span.learn and span.ids]

@@ -38,7 +38,7 @@ NATIVE_MODULE = "transformers.models.glm.modeling_glm"
 class PlannedPatch:
     set_name: str
     patch: Patch
-    status: str  # apply | skip
+    status: str  # apply | skip | refused
     reason: str
 
 
@@ -105,6 +105,9 @@ def make_plan(info, backend: str, mode: str, registry, *, modules: dict | None =
         revision = identity.effective_revision
         if patch.revisions and revision is not None and revision not in patch.revisions:
             plan.entries.append(PlannedPatch(patch_set.name, patch, "skip", f"not needed for {revision}"))
+            continue
+        if not identity.known and not allow_unverified:
+            plan.entries.append(PlannedPatch(patch_set.name, patch, "refused", f"{patch.file}: unknown revision"))
             continue
         reason = patch.why if identity.known else f"UNVERIFIED revision: {patch.why}"
         plan.entries.append(PlannedPatch(patch_set.name, patch, "apply", reason))

@@ -9,6 +9,7 @@ other batch, runs the backend's compute context and, when asked, the 64-bit guar
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from glmport.guard import sixty_four_bit_guard
 
@@ -25,6 +26,7 @@ def guarded_forward(model, backend, guard_mode: str | None, on_report=None):
     policy = backend.sixty_four_bit_policy()
     use_guard = bool(guard_mode) and policy.lacks_64bit
 
+    @functools.wraps(original)  # generate() inspects the forward's signature
     def forward(*args, **kwargs):
         args, kwargs = backend.coerce(args, where="forward args"), backend.coerce(kwargs, where="forward")
         with backend.compute_context():

@@ -55,7 +55,7 @@ def _geometry(config) -> tuple[int, int, int]:
     return layers, kv, head_dim
 
 
-def apply_method(model, info, method: str, peft_config: dict | None, where: str = "peft_config"):
+def apply_method(model, info, method: str, peft_config: dict | None, backend=None, where: str = "peft_config"):
     """Wrap or freeze ``model`` for ``method``; returns the model to train."""
     import torch
 
@@ -98,7 +98,16 @@ def apply_method(model, info, method: str, peft_config: dict | None, where: str 
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if backend is not None:
+        narrow_prompt_tokens(peft_model, backend)
     return peft_model
+
+
+def narrow_prompt_tokens(peft_model, backend) -> None:
+    """peft builds prompt-learning virtual-token ids with ``.long()``; narrow them once for the device."""
+    if getattr(peft_model, "prompt_tokens", None):
+        peft_model.prompt_tokens = {name: backend.coerce(ids, where=f"peft prompt_tokens[{name!r}]")
+                                    for name, ids in peft_model.prompt_tokens.items()}
 
 
 def enable_gradient_checkpointing(model, info) -> str:

@@ -159,7 +159,9 @@ def _training_arguments(run: TrainingRun):
     generation.pad_token_id = template.pad_token_id
     generation.eos_token_id = list(template.stop_token_ids)
     args["generation_config"] = generation
-    args["gradient_checkpointing"] = False  # glmport turns it on itself and checks that it took
+    # glmport turns checkpointing on itself and checks that it took (the 2024 remote code ignores the call)
+    args.pop("gradient_checkpointing", None)
+    args.pop("activation_checkpointing", None)
     args.update(backend.training_arguments())
     try:
         return Seq2SeqTrainingArguments(**args)
@@ -216,8 +218,8 @@ def _load(run: TrainingRun) -> None:
     run.datasets = build_datasets(config, run.template, run.output_dir)
     if run.datasets.train is None:
         raise GlmportError(f"{config.data_path('train')}: no training samples")
-    run.model = apply_method(run.loaded.model, info, config.method, config.peft_config)
-    if config.training_args.get("gradient_checkpointing"):
+    run.model = apply_method(run.loaded.model, info, config.method, config.peft_config, backend)
+    if config.training_args.get("gradient_checkpointing") or config.training_args.get("activation_checkpointing"):
         enable_gradient_checkpointing(run.model, info)
 
 

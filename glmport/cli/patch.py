@@ -1,0 +1,118 @@
+"""``glmport patch``: which patches a model folder gets, and an overlay folder with them applied.
+
+    glmport patch list [--json]
+    glmport patch plan MODEL_DIR --backend B --mode infer|train [--json] [--allow-unverified-patches]
+    glmport patch materialize MODEL_DIR OUT --backend B --mode infer|train
+
+``--backend`` names the backend to plan for; it need not be available on this machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from glmport.cli._output import print_json, table
+from glmport.errors import BackendUnavailable, PatchError
+
+
+def add_parser(subparsers, common) -> None:
+    p = subparsers.add_parser("patch", parents=[common], help="plan, list or materialize modeling_chatglm.py patch sets")
+    commands = p.add_subparsers(dest="patch_command", metavar="SUBCOMMAND", required=True)
+
+    listing = commands.add_parser("list", parents=[common], help="every registered patch set and its patches")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_list, checks_backend=False)
+
+    for name, helptext in (("plan", "the patches a folder gets for a backend and mode, and why (or what is refused)"),
+                           ("materialize", "write an overlay folder (links to the weights, patched code)")):
+        sub = commands.add_parser(name, parents=[common], help=helptext)
+        sub.add_argument("model_dir", type=Path)
+        if name == "materialize":
+            sub.add_argument("out", type=Path)
+        sub.add_argument("--mode", choices=["infer", "train"], required=True)
+        sub.add_argument("--allow-unverified-patches", action="store_true",
+                         help="patch code whose revision is not in the manifest")
+        if name == "plan":
+            sub.add_argument("--json", action="store_true")
+        sub.set_defaults(handler=cmd_plan if name == "plan" else cmd_materialize, checks_backend=False)
+
+
+def _backend(args, manager):
+    name = args.backend
+    if name in (None, "", "auto"):
+        raise PatchError("--backend is required: plans are made for a named backend (cpu, cuda, mlu, ...)")
+    backend = manager.backends.get(name)
+    if backend is None:
+        raise BackendUnavailable(f"--backend {name!r}: no such backend. Known backends: {', '.join(manager.backends.names())}")
+    return backend
+
+
+def _plan(args, manager):
+    from glmport.modeling import inspect_model_dir
+    from glmport.patching.session import load_modules, make_plan
+
+    info = inspect_model_dir(args.model_dir.resolve())
+    backend = _backend(args, manager)
+    registry = manager.patch_sets
+    plan = make_plan(info, backend.name, args.mode, registry, allow_unverified=args.allow_unverified_patches)
+    if not plan.problems:  # preflight: import the code and resolve every target
+        try:
+            modules, _ = load_modules(info)
+        except PatchError as exc:
+            from glmport.errors import Problem
+
+            plan.problems.append(Problem(str(info.path), str(exc)))
+        else:
+            plan = make_plan(info, backend.name, args.mode, registry, modules=modules,
+                             allow_unverified=args.allow_unverified_patches)
+    return plan
+
+
+def cmd_plan(args, manager) -> int:
+    plan = _plan(args, manager)
+    if args.json:
+        print_json(plan.as_dict())
+        return 1 if plan.problems else 0
+    print(f"{plan.model_dir}: {plan.kind} {plan.family}, backend {plan.backend}, mode {plan.mode}")
+    for key, f in plan.files.items():
+        rev = f.revision or "UNKNOWN REVISION"
+        extra = f" (glmport test module imitating {f.imitates})" if f.imitates else ""
+        detail = f" [{f.detail}]" if f.detail and not f.revision else ""
+        print(f"  {key:<14} {rev}{extra}{detail}")
+    print()
+    rows = [[e.set_name, e.patch.id, e.status, e.reason] for e in plan.entries]
+    print(table(["SET", "PATCH", "STATUS", "WHY"], rows) if rows else "  no patches registered for this family")
+    if plan.problems:
+        print("\nREFUSED:")
+        for problem in plan.problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"\n{len(plan.to_apply)} patch(es) will be applied.")
+    return 0
+
+
+def cmd_materialize(args, manager) -> int:
+    from glmport.patching.overlay import materialize
+
+    plan = _plan(args, manager)
+    out = materialize(plan, args.model_dir, args.out)
+    print(f"wrote overlay {out} ({len(plan.to_apply)} patches for {plan.backend}/{plan.mode}); "
+          "load it by path with trust_remote_code=True (glmport must be importable there)")
+    return 0
+
+
+def cmd_list(args, manager) -> int:
+    from glmport.patching.session import describe_patch_set
+
+    registry = manager.patch_sets
+    if args.json:
+        print_json([{"set": s.name, "description": s.description, "plugin": registry.origin[s.name],
+                     "patches": describe_patch_set(s)} for s in registry.sets.values()])
+        return 0
+    for patch_set in registry.sets.values():
+        print(f"{patch_set.name}: {patch_set.description} (from plugin {registry.origin[patch_set.name]})")
+        rows = [[p.family, p.id, ",".join(p.backends) if isinstance(p.backends, tuple) else p.backends,
+                 ",".join(p.modes), p.why] for p in patch_set.patches]
+        print(table(["FAMILY", "PATCH", "BACKENDS", "MODES", "WHY"], rows))
+        print()
+    return 0

@@ -1,0 +1,117 @@
+"""``glmport patch materialize``: an overlay folder that other tools can load by path.
+
+The overlay holds symbolic links to every file of the model folder except the remote-code modules, which
+are copied with two additions: a header that records the process state before the module body runs
+(TorchScript flags) and a footer that checks the original text's sha256 and applies the planned patches
+to the module it ends. ``AutoModelForCausalLM.from_pretrained(OVERLAY, trust_remote_code=True)`` then
+builds a patched model in any script, as long as glmport is importable there. The original folder is
+only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pprint
+import shutil
+from pathlib import Path
+
+from glmport.errors import PatchError
+from glmport.patching.manifest import REMOTE_FILES
+from glmport.patching.model import PatchContext
+from glmport.patching.recorder import PatchRecorder
+
+HEADER_MARK = "# --- glmport overlay header ---"
+FOOTER_MARK = "# --- glmport overlay footer ---"
+OVERLAY_FILE = "glmport_overlay.json"  # the plan, for people
+PLAN_MODULE = "glmport_overlay_plan"  # the plan, for the footer: transformers copies relative imports along
+
+
+def _header() -> str:
+    return (
+        f"{HEADER_MARK}\n"
+        "import glmport.patching.overlay as _glmport_overlay\n"
+        "_glmport_state = _glmport_overlay.capture()\n"
+        "# --- end of glmport overlay header ---\n"
+    )
+
+
+def _footer(file_key: str, digest: str) -> str:
+    return (
+        f"\n{FOOTER_MARK}\n"
+        f"from .{PLAN_MODULE} import PLAN as _glmport_plan\n"
+        f"_glmport_overlay.finish(globals(), {file_key!r}, {digest!r}, _glmport_state, _glmport_plan)\n"
+    )
+
+
+def original_text(overlay_source: str) -> str:
+    """The upstream text inside an overlay module (what the header and footer wrap)."""
+    body = overlay_source.split("# --- end of glmport overlay header ---\n", 1)[-1]
+    return body.rsplit(f"\n{FOOTER_MARK}\n", 1)[0]
+
+
+def capture() -> dict:
+    from glmport.patching.session import capture_process_state
+
+    return capture_process_state()
+
+
+def finish(namespace: dict, file_key: str, digest: str, state: dict, plan: dict) -> None:
+    """Run from an overlay module's footer: verify its text, apply the planned patches of this file."""
+    import sys
+
+    path = Path(namespace["__file__"])
+    text = original_text(path.read_text(encoding="utf-8"))
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != digest:
+        raise PatchError(f"{path}: the code changed since the overlay was made; run glmport patch materialize again")
+    from glmport.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    backend = manager.backends.get(plan["backend"])
+    module = sys.modules[namespace["__name__"]]
+    wanted = {(p["set"], p["id"]) for p in plan["patches"] if p["status"] == "apply" and p["file"] == file_key}
+    recorder = PatchRecorder()
+    modules = {file_key: module}
+    for patch_set, patch in manager.patch_sets.select(plan["family"], plan["backend"], plan["mode"]):
+        if (patch_set.name, patch.id) not in wanted:
+            continue
+        recorder.current_patch = patch.id
+        patch.apply(PatchContext(module, modules, recorder, backend, plan["mode"], plan["files"][file_key]["revision"],
+                                 state, plan["family"]))
+    namespace["_glmport_recorder"] = recorder
+
+
+def materialize(plan, model_dir: Path, out_dir: Path) -> Path:
+    """Write the overlay for ``plan`` (a :class:`~glmport.patching.session.PatchPlan`) into ``out_dir``."""
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
+    if plan.kind == "native":
+        raise PatchError(
+            f"{model_dir}: native GLM folders have no remote code to patch; transformers' own classes are "
+            "patched in the process that loads them (glmport train / glmport infer)")
+    if plan.problems:
+        raise PatchError(f"cannot materialize {model_dir}", plan.problems)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PatchError(f"{out_dir}: folder is not empty; choose a new folder for the overlay")
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    code_files = {name: key for key, name in REMOTE_FILES.items()}
+    for item in sorted(model_dir.iterdir()):
+        target = staging / item.name
+        if item.name in code_files:
+            text = item.read_text(encoding="utf-8")
+            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            target.write_text(_header() + text + _footer(code_files[item.name], digest), encoding="utf-8")
+        elif item.suffix == ".py":
+            shutil.copyfile(item, target)
+        else:
+            target.symlink_to(item)
+    description = plan.as_dict()
+    (staging / OVERLAY_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    (staging / f"{PLAN_MODULE}.py").write_text(
+        '"""Written by glmport patch materialize: the patch plan this overlay applies."""\n\n'
+        f"PLAN = {pprint.pformat(description, width=100)}\n", encoding="utf-8")
+    if out_dir.exists():
+        out_dir.rmdir()
+    staging.rename(out_dir)
+    return out_dir

@@ -1,0 +1,80 @@
+"""LoRA, P-Tuning v2 and full SFT end to end, on tiny native and remote-code models, on the cpu backend
+and on mlu under emulation with the 64-bit guard on, through `glmport train DATA_DIR MODEL_DIR CONFIG`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from e2e_cli import ok, run_glmport, summary, write_config
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_RESULT = {
+    ("native", "lora"): ("adapter", ["adapter_config.json", "adapter_model.safetensors"]),
+    ("native", "ptuning"): ("adapter", ["adapter_config.json", "adapter_model.safetensors"]),
+    ("native", "sft"): ("full-model", ["config.json", "model.safetensors"]),
+    ("remote", "lora"): ("adapter", ["adapter_config.json", "adapter_model.safetensors"]),
+    ("remote", "ptuning"): ("prefix-encoder", ["prefix_encoder.safetensors"]),
+    ("remote", "sft"): ("full-model", ["config.json", "model.safetensors", "modeling_chatglm.py"]),
+    ("remote-glm4", "lora"): ("adapter", ["adapter_config.json", "adapter_model.safetensors"]),
+    ("remote-glm4", "ptuning"): ("adapter", ["adapter_config.json", "adapter_model.safetensors"]),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlu"])
+@pytest.mark.parametrize("method", ["lora", "ptuning", "sft"])
+@pytest.mark.parametrize("kind", ["native", "remote"])
+def test_train(kind, method, backend, models, data_dir, tmp_path):
+    config = write_config(tmp_path, method)
+    env = {"GLMPORT_EMULATE": "mlu"} if backend == "mlu" else {}
+    result = ok(run_glmport("train", data_dir, models[kind], config, "--backend", backend, "-q", env=env))
+    s = summary(tmp_path)
+    assert s["steps"] == 4 and s["backend"] == backend and s["method"] == method
+    assert math.isfinite(s["first_loss"]) and math.isfinite(s["last_loss"])
+    assert "eval" in s and math.isfinite(s["eval"]["loss"]) and "rouge-1" in s["eval"]
+    content, files = EXPECTED_RESULT[(kind, method)]
+    final = tmp_path / "out" / "final"
+    assert json.loads((final / "glmport_result.json").read_text())["content"] == content
+    for name in files:
+        assert (final / name).is_file(), name
+    assert (tmp_path / "out" / "checkpoint-2" / "glmport_checkpoint.json").is_file()
+    assert "glmport train:" in result.stdout and "loss" in result.stdout
+    if backend == "mlu":
+        assert s["emulated"] and s["guard_64bit"]["mode"] == "error"
+        assert s["guard_64bit"]["ops_checked"] > 1000 and s["guard_64bit"]["leaks"] == []
+        expected_set = "native-mlu" if kind == "native" else "mlu-train"
+        assert expected_set in s["patches"]
+    if kind == "remote":
+        assert "compat/compat-generation" in s["patches"]
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning"])
+def test_glm4_remote_code_on_emulated_mlu(method, models, data_dir, tmp_path):
+    config = write_config(tmp_path, method, combine=True)
+    ok(run_glmport("train", data_dir, models["remote-glm4"], config, "--backend", "mlu", "-q",
+                   env={"GLMPORT_EMULATE": "mlu"}))
+    s = summary(tmp_path)
+    assert s["model_family"] == "glm4" and s["guard_64bit"]["leaks"] == [] and s["steps"] == 4
+    content, files = EXPECTED_RESULT[("remote-glm4", method)]
+    for name in files:
+        assert (tmp_path / "out" / "final" / name).is_file()
+
+
+def test_bf16_on_emulated_mlu(models, data_dir, tmp_path):
+    """The backend's own dtype choice: bf16 base weights with fp32 LoRA weights (2 steps: bf16 is slow on CPUs)."""
+    config = write_config(tmp_path, "lora", glmport={"eval_samples": 2}, training_args__max_steps=2,
+                          training_args__save_steps=2, training_args__eval_steps=2)
+    ok(run_glmport("train", data_dir, models["native"], config, "--backend", "mlu", "-q", env={"GLMPORT_EMULATE": "mlu"}))
+    s = summary(tmp_path)
+    assert s["dtype"] == "bfloat16" and s["guard_64bit"]["leaks"] == []
+
+
+def test_trained_adapter_generates_through_glmport_infer(models, data_dir, tmp_path):
+    config = write_config(tmp_path, "lora")
+    ok(run_glmport("train", data_dir, models["remote"], config, "-q"))
+    out = ok(run_glmport("infer", tmp_path / "out" / "final", "--prompt", "Sort these words alphabetically: b a",
+                         "--max-new-tokens", "4", "--json", "--backend", "mlu", env={"GLMPORT_EMULATE": "mlu"}))
+    reply = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reply["backend"] == "mlu" and "mlu-infer" in reply["patches"] and isinstance(reply["reply"], str)

@@ -1,0 +1,139 @@
+"""The config file: upstream schema as is, legacy keys, YAML 1.2 scalars, overrides, one error for all."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from glmport.config import load_run_config
+from glmport.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, *, model=True, data=("train.json", "dev.json")) -> Path:
+    for name in data:
+        (tmp_path / name).write_text('{"conversations": []}\n')
+    if model:
+        (tmp_path / "model").mkdir(exist_ok=True)
+        (tmp_path / "model" / "config.json").write_text("{}")
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+UPSTREAM_LORA = """\
+data_config:
+  train_file: train.json
+  val_file: dev.json
+  test_file: dev.json
+  num_proc: 16
+max_input_length: 256
+max_output_length: 512
+training_args:
+  output_dir: ./output
+  max_steps: 3000
+  learning_rate: 5e-5
+  per_device_train_batch_size: 4
+  dataloader_num_workers: 16
+  remove_unused_columns: false
+  save_strategy: steps
+  save_steps: 500
+  log_level: info
+  logging_strategy: steps
+  logging_steps: 10
+  per_device_eval_batch_size: 16
+  evaluation_strategy: steps
+  eval_steps: 500
+  predict_with_generate: true
+  generation_config:
+    max_new_tokens: 512
+  use_cpu: false
+peft_config:
+  peft_type: LORA
+  task_type: CAUSAL_LM
+  r: 8
+  lora_alpha: 32
+  lora_dropout: 0.1
+"""
+
+
+def test_upstream_chatglm3_lora_yaml_is_accepted_as_is(tmp_path, caplog):
+    config = load_run_config(write(tmp_path, UPSTREAM_LORA), model_dir=tmp_path / "model")
+    assert config.method == "lora"
+    assert config.training_args["learning_rate"] == 5e-5  # YAML 1.2 float, not the string "5e-5"
+    assert config.training_args["eval_strategy"] == "steps" and "evaluation_strategy" not in config.training_args
+    assert any("evaluation_strategy is now training_args.eval_strategy" in w for w in config.warnings)
+    assert config.data_path("train") == tmp_path / "train.json"
+
+
+def test_yaml_12_keeps_no_as_a_string(tmp_path):
+    config = load_run_config(write(tmp_path, UPSTREAM_LORA.replace("save_strategy: steps", "save_strategy: no")),
+                             model_dir=tmp_path / "model")
+    assert config.training_args["save_strategy"] == "no"
+
+
+def test_glm4_keys_and_glmport_section(tmp_path):
+    text = UPSTREAM_LORA + "combine: true\nfreezeV: true\nglmport:\n  backend: cpu\n  eval_samples: 7\n"
+    config = load_run_config(write(tmp_path, text), model_dir=tmp_path / "model")
+    assert config.combine and config.freeze_vision and config.glmport.eval_samples == 7
+
+
+def test_every_problem_is_reported_at_once_with_its_line(tmp_path):
+    text = UPSTREAM_LORA.replace("max_steps: 3000", "max_step: 3000").replace("r: 8", "r: 8\n  bogus: 1")
+    text = text.replace("per_device_train_batch_size: 4", "per_device_train_batch_size: four")
+    text += "combin: true\n"
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(write(tmp_path, text, data=("dev.json",)), model_dir=tmp_path / "model")
+    message = str(caught.value)
+    path = tmp_path / "config.yaml"
+    assert f"{path}:10: training_args.max_step: unknown key" in message and "did you mean 'max_steps'" in message
+    assert f"{path}:12: training_args.per_device_train_batch_size: expected int, got 'four'" in message
+    assert "combin: unknown top-level key" in message and "did you mean 'combine'" in message
+    assert "peft_config: peft rejects it" in message and "bogus" in message
+    assert "data_config.train_file:" in message and "train.json does not exist" in message
+    assert "problem(s) in the configuration" in message
+
+
+def test_overrides_win_and_are_named_in_errors(tmp_path):
+    path = write(tmp_path, UPSTREAM_LORA)
+    config = load_run_config(path, ["training_args.max_steps=20", "glmport.eval_samples=3"], model_dir=tmp_path / "model")
+    assert config.training_args["max_steps"] == 20 and config.glmport.eval_samples == 3
+    with pytest.raises(ConfigError, match=r"override `training_args.max_steps=lots`: training_args.max_steps: expected int"):
+        load_run_config(path, ["training_args.max_steps=lots"], model_dir=tmp_path / "model")
+
+
+def test_malformed_override_and_yaml_syntax(tmp_path):
+    path = write(tmp_path, UPSTREAM_LORA)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_run_config(path, ["=3"], model_dir=tmp_path / "model")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training_args:\n  max_steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:1: YAML syntax error"):
+        load_run_config(bad)
+
+
+def test_missing_model_and_deepspeed_files(tmp_path):
+    text = UPSTREAM_LORA.replace("  use_cpu: false", "  use_cpu: false\n  deepspeed: ds_zero_9.json")
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(write(tmp_path, text, model=False), model_dir=tmp_path / "nowhere")
+    message = str(caught.value)
+    assert "nowhere is not a model folder (no config.json)" in message
+    assert "training_args.deepspeed: ds_zero_9.json not found" in message
+
+
+def test_removed_training_args_are_dropped_with_a_reason(tmp_path):
+    text = UPSTREAM_LORA.replace("  use_cpu: false", "  use_cpu: false\n  overwrite_output_dir: true\n  logging_dir: runs")
+    config = load_run_config(write(tmp_path, text), model_dir=tmp_path / "model")
+    assert "overwrite_output_dir" not in config.training_args and "logging_dir" not in config.training_args
+    assert any("overwrite_output_dir is ignored" in w for w in config.warnings)
+
+
+def test_shipped_configs_validate(repo_root, tmp_path):
+    for name in ("lora.yaml", "ptuning_v2.yaml", "sft.yaml"):
+        for split in ("train.json", "dev.json"):
+            (tmp_path / split).write_text("")
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / "config.json").write_text("{}")
+        config = load_run_config(repo_root / "configs" / name, data_dir=tmp_path, model_dir=tmp_path / "m")
+        assert config.method == {"lora.yaml": "lora", "ptuning_v2.yaml": "ptuning", "sft.yaml": "sft"}[name]
