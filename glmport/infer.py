@@ -35,7 +35,6 @@ def _read_result(path: Path) -> dict | None:
 def load_for_inference(path: Path, backend, *, allow_unverified: bool = False, dtype: str = "auto") -> InferenceModel:
     """``path``: a model folder, or the ``final`` folder of a training run (adapter, prefix encoder or
     full model; the base model is found through its glmport_result.json)."""
-    import torch
 
     from glmport.data.templates import get_template
     from glmport.modeling import inspect_model_dir, load_model, resolve_dtype

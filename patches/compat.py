@@ -84,6 +84,48 @@ def build_on_transformers_5(ctx) -> None:
     ctx.replace("ChatGLMForConditionalGeneration.__init__", __init__)
 
 
+def real_prefix_tokens(ctx) -> None:
+    """ChatGLM3's P-Tuning v2 keeps its prefix token ids as a plain tensor attribute made in ``__init__``;
+    transformers 5 runs ``__init__`` under a meta-device context and only materializes parameters and
+    buffers, so the ids stay a meta tensor ("Cannot copy out of meta tensor" at the first step)."""
+    import torch
+
+    original = ctx.original("ChatGLMModel.__init__")
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        tokens = getattr(self, "prefix_tokens", None)
+        if isinstance(tokens, torch.Tensor) and tokens.is_meta:
+            self.prefix_tokens = torch.arange(tokens.shape[0], dtype=tokens.dtype, device="cpu")
+
+    ctx.replace("ChatGLMModel.__init__", __init__)
+
+
+def legacy_cache_input(ctx) -> None:
+    """peft's prefix tuning hands the model its prompt as a transformers ``Cache``; the 2024 GLM-4 code
+    indexes ``past_key_values`` as a tuple of ``(key, value)`` per layer (TypeError: 'DynamicCache' object
+    is not subscriptable; the P-Tuning failures of zai-org/GLM-4#303). Give it the tuple layout."""
+    import inspect
+
+    from transformers import Cache
+
+    original = ctx.original("ChatGLMModel.forward")
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        past = bound.arguments.get("past_key_values")
+        if not isinstance(past, Cache):
+            return original(self, *args, **kwargs)
+        layers = tuple((layer.keys, layer.values) for layer in past.layers) if past.get_seq_length() else None
+        bound.arguments["past_key_values"] = layers
+        return original(*bound.args, **bound.kwargs)
+
+    ctx.replace("ChatGLMModel.forward", forward)
+
+
 def real_gradient_checkpointing(ctx) -> None:
     """The 2024 files override ``gradient_checkpointing_enable`` with a check that never turns
     checkpointing on (a silent no-op on 4.4x; on 5.x the Trainer's extra ``every_n_layers`` argument makes
@@ -178,6 +220,9 @@ def patches(family: str) -> list[Patch]:
     ]
     if family == "chatglm3":
         made += [
+            Patch("compat-prefix-tokens", file="modeling", replaces=("ChatGLMModel.__init__",),
+                  why="P-Tuning v2 prefix ids built on the CPU, not left on the meta device by transformers 5",
+                  apply=real_prefix_tokens, **common),
             Patch("compat-gradient-checkpointing", file="modeling",
                   replaces=("ChatGLMPreTrainedModel.gradient_checkpointing_enable",), revisions=CHATGLM3_GC_NOOP,
                   why="the 2024 override never turns gradient checkpointing on", apply=real_gradient_checkpointing,
@@ -188,9 +233,13 @@ def patches(family: str) -> list[Patch]:
                   link="https://github.com/zai-org/ChatGLM3/issues/380", apply=new_style_checkpointing_hook, **common),
         ]
     else:
-        made.append(
+        made += [
             Patch("compat-gradient-checkpointing", file="modeling",
                   replaces=("ChatGLMPreTrainedModel.gradient_checkpointing_enable",), revisions=GLM4_REVISIONS,
                   why="the 2024 override never turns gradient checkpointing on", apply=real_gradient_checkpointing,
-                  **common))
+                  **common),
+            Patch("compat-cache-input", file="modeling", replaces=("ChatGLMModel.forward",),
+                  why="accept a transformers Cache (peft prefix tuning) where the code expects tuples",
+                  link="https://github.com/zai-org/GLM-4/issues/303", apply=legacy_cache_input, **common),
+        ]
     return made

@@ -5,6 +5,7 @@ ChatGLM3, 5 GB for GLM-4). Compute the loss in fp32 on label positions only, chu
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from glmport.patching import Patch
@@ -18,6 +19,7 @@ def apply(ctx) -> None:
     original = ctx.original("ChatGLMForConditionalGeneration.forward")
     signature = inspect.signature(original)
 
+    @functools.wraps(original)  # generate() checks kwargs against the forward's signature
     def forward(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         labels = bound.arguments.get("labels")

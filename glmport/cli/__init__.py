@@ -9,6 +9,7 @@ import torch: ``glmport --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from glmport import __version__
@@ -91,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if sys.stdout is not None:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 sys.stdout.flush()
-            except BrokenPipeError:
-                pass
 
 
 def entry() -> None:  # pragma: no cover - console-script convenience

@@ -70,8 +70,9 @@ def _fixture_hashes() -> dict[str, dict[str, tuple[str, str]]]:
         for revision in revisions:
             for name, path in fixture_files(family, revision).items():
                 key = next((k for k, v in REMOTE_FILES.items() if v == name), None)
-                if key:
-                    table[key][sha256_normalized(path.read_bytes())] = (f"glmport-fixture-{revision}", imitated_revision(revision))
+                if key:  # a file shared by two revisions belongs to the older one, as in manifest.json
+                    table[key].setdefault(sha256_normalized(path.read_bytes()),
+                                          (f"glmport-fixture-{revision}", imitated_revision(revision)))
     return table
 
 

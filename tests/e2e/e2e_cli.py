@@ -50,7 +50,10 @@ def write_config(folder: Path, method: str, **overrides) -> Path:
         config["peft_config"] = dict(METHODS[method])
     for key, value in overrides.items():
         section, _, name = key.partition("__")
-        config.setdefault(section, {})[name] = value
+        if name:
+            config.setdefault(section, {})[name] = value
+        else:
+            config[section] = value
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
