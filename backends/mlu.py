@@ -13,18 +13,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from contextlib import nullcontext
-from typing import Any
 
-from glmport.backends._emulation import (
-    emulated_names,
-    install_fake_torch_mlu,
-    int32_kernel_emulation,
-    reference_varlen_attention,
-)
+from glmport.backends._device import DeviceModuleBackend
+from glmport.backends._emulation import install_fake_torch_mlu, int32_kernel_emulation
 from glmport.backends._env import patched_environ
-from glmport.backends._memory import host_memory_stats, reset_host_peak
 
-from glmport.backend import Availability, Backend, MemoryStats, SixtyFourBitPolicy, launched_distributed
+from glmport.backend import Availability, SixtyFourBitPolicy
 from glmport.hookspecs import hookimpl
 
 MLU_INSTALL_HINT = (
@@ -33,7 +27,7 @@ MLU_INSTALL_HINT = (
 )
 
 
-class MluBackend(Backend):
+class MluBackend(DeviceModuleBackend):
     name = "mlu"
     description = "Cambricon MLU through torch_mlu"
     device_type = "mlu"
@@ -44,16 +38,6 @@ class MluBackend(Backend):
     # "deepspeed-mlu", which installs the same import package under another distribution name.
     deepspeed_distributions = ("deepspeed", "deepspeed-mlu", "deepspeed_mlu")
     deepspeed_min_version = "0.15.2"
-
-    @property
-    def emulated(self) -> bool:
-        return "mlu" in emulated_names()
-
-    @property
-    def deepspeed_accelerator(self) -> str:
-        # DeepSpeed picks its accelerator by probing imports (a fake torch_mlu counts); emulated tensors
-        # live on the CPU, so it must use its CPU accelerator.
-        return "cpu" if self.emulated else "mlu"
 
     def availability(self) -> Availability:
         if self.emulated:
@@ -79,7 +63,7 @@ class MluBackend(Backend):
                                 "check the driver with cnmon")
         return Availability(True, f"{torch.mlu.device_count()} MLU(s), torch_mlu {getattr(torch_mlu, '__version__', '?')}")
 
-    def _mlu(self):
+    def _module(self):
         import torch
 
         if self.emulated:
@@ -92,53 +76,7 @@ class MluBackend(Backend):
         if not self.emulated and importlib.util.find_spec("torch_mlu") is None:
             return 0
         with patched_environ(PYTORCH_CNDEV_BASED_MLU_CHECK="1"):
-            return self._mlu().device_count()
-
-    def device(self, local_rank: int = 0):
-        import torch
-
-        if self.emulated:
-            return torch.device("cpu")
-        return torch.device("mlu", local_rank % max(self.device_count(), 1))
-
-    def set_device(self, local_rank: int = 0) -> None:
-        self._mlu().set_device(local_rank % max(self.device_count(), 1))
-
-    def synchronize(self) -> None:
-        self._mlu().synchronize()
-
-    def seed(self, seed: int) -> None:
-        super().seed(seed)
-        self._mlu().manual_seed_all(seed)
-
-    def memory_stats(self) -> MemoryStats:
-        if self.emulated:
-            return host_memory_stats()
-        mlu = self._mlu()
-        reserved = mlu.memory_reserved() if hasattr(mlu, "memory_reserved") else None
-        return MemoryStats(mlu.memory_allocated(), mlu.max_memory_allocated(), reserved)
-
-    def reset_peak_memory(self) -> None:
-        if self.emulated:
-            reset_host_peak()
-        else:
-            self._mlu().reset_peak_memory_stats()
-
-    def supported_dtypes(self):
-        import torch
-
-        # bf16 exists from MLU5xx on; an MLU370 has fp16 only.
-        dtypes = [torch.float32, torch.float16]
-        if self._mlu().is_bf16_supported():
-            dtypes.insert(1, torch.bfloat16)
-        return dtypes
-
-    def autocast(self, dtype):
-        import torch
-
-        if dtype is None or dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type="cpu" if self.emulated else "mlu", dtype=dtype)
+            return self._module().device_count()
 
     def sixty_four_bit_policy(self) -> SixtyFourBitPolicy:
         import torch
@@ -147,29 +85,11 @@ class MluBackend(Backend):
             {torch.int64: torch.int32, torch.float64: torch.float32, torch.complex128: torch.complex64}
         )
 
-    def varlen_attention(self):
-        """Cambricon ships flash-attn for MLU (the flash_attn package of its PyTorch container); the
-        emulator offers a CPU reference with the same signature."""
-        if self.emulated:
-            return reference_varlen_attention
-        try:
-            from flash_attn.flash_attn_interface import flash_attn_varlen_func
-        except Exception:  # not installed, or built for another device
-            return None
-        return flash_attn_varlen_func
-
     def compute_context(self):
         return int32_kernel_emulation() if self.emulated else nullcontext()
 
-    def training_arguments(self) -> dict[str, Any]:
-        if self.emulated:  # tensors live on the CPU: gloo is the collective that can move them
-            return {"use_cpu": True, **({"ddp_backend": "gloo"} if launched_distributed() else {})}
-        return super().training_arguments()
-
     def environment(self) -> dict[str, str]:
-        if self.emulated:
-            return {"GLMPORT_EMULATE": "mlu", "DS_ACCELERATOR": "cpu"}
-        return {"PYTORCH_CNDEV_BASED_MLU_CHECK": "1"}
+        return super().environment() if self.emulated else {"PYTORCH_CNDEV_BASED_MLU_CHECK": "1"}
 
 
 @hookimpl

@@ -162,16 +162,19 @@ class PluginManager:
             results.append((impl.plugin_name, impl.function(**args)))
         return results
 
+    def _fill(self, hook_name: str, registry):
+        """Call a registration hook plugin by plugin, so the registry knows who added what."""
+
+        def attribute(plugin_name: str) -> None:
+            registry._current_plugin = plugin_name
+
+        self._call_each(hook_name, attribute, registry=registry)
+        return registry
+
     @property
     def backends(self) -> BackendRegistry:
         if self._backends is None:
-            registry = BackendRegistry()
-
-            def attribute(plugin_name: str) -> None:
-                registry._current_plugin = plugin_name
-
-            self._call_each("glmport_register_backends", attribute, registry=registry)
-            self._backends = registry
+            self._backends = self._fill("glmport_register_backends", BackendRegistry())
         return self._backends
 
     @property
@@ -179,13 +182,7 @@ class PluginManager:
         if self._patch_sets is None:
             from glmport.patching.registry import PatchRegistry
 
-            registry = PatchRegistry()
-
-            def attribute(plugin_name: str) -> None:
-                registry._current_plugin = plugin_name
-
-            self._call_each("glmport_register_patch_sets", attribute, registry=registry)
-            self._patch_sets = registry
+            self._patch_sets = self._fill("glmport_register_patch_sets", PatchRegistry())
         return self._patch_sets
 
     def env_reports(self, backend: Backend | None) -> dict[str, dict[str, Any]]:

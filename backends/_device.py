@@ -1,0 +1,95 @@
+"""What accelerator backends share: a torch device module (``torch.cuda``, ``torch.mlu``) behind every
+device question, and a CPU stand-in for it under emulation."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+from glmport.backends._emulation import emulated_names, reference_varlen_attention
+from glmport.backends._memory import host_memory_stats, reset_host_peak
+
+from glmport.backend import Backend, MemoryStats, launched_distributed
+
+
+class DeviceModuleBackend(Backend):
+    """Subclasses provide :meth:`_module` (the device module, real or emulated) and availability."""
+
+    @property
+    def emulated(self) -> bool:
+        return self.device_type in emulated_names()
+
+    @property
+    def deepspeed_accelerator(self) -> str:
+        # DeepSpeed picks its accelerator by probing imports (a fake vendor module counts); emulated
+        # tensors live on the CPU, so it must use its CPU accelerator then.
+        return "cpu" if self.emulated else self.device_type
+
+    def _module(self):  # must override
+        raise NotImplementedError
+
+    def device(self, local_rank: int = 0):
+        import torch
+
+        if self.emulated:
+            return torch.device("cpu")
+        return torch.device(self.device_type, local_rank % max(self.device_count(), 1))
+
+    def set_device(self, local_rank: int = 0) -> None:
+        self._module().set_device(local_rank % max(self.device_count(), 1))
+
+    def synchronize(self) -> None:
+        self._module().synchronize()
+
+    def seed(self, seed: int) -> None:
+        super().seed(seed)
+        self._module().manual_seed_all(seed)
+
+    def memory_stats(self) -> MemoryStats:
+        if self.emulated:
+            return host_memory_stats()
+        module = self._module()
+        reserved = module.memory_reserved() if hasattr(module, "memory_reserved") else None
+        return MemoryStats(module.memory_allocated(), module.max_memory_allocated(), reserved)
+
+    def reset_peak_memory(self) -> None:
+        if self.emulated:
+            reset_host_peak()
+        else:
+            self._module().reset_peak_memory_stats()
+
+    def supported_dtypes(self):
+        import torch
+
+        dtypes = [torch.float32, torch.float16]
+        if self._module().is_bf16_supported():
+            dtypes.insert(1, torch.bfloat16)
+        return dtypes
+
+    def autocast(self, dtype):
+        import torch
+
+        if dtype is None or dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type="cpu" if self.emulated else self.device_type, dtype=dtype)
+
+    def varlen_attention(self):
+        """flash-attn's ``flash_attn_varlen_func`` when the device's build of it is installed (Cambricon
+        ships one for MLU); the emulator's CPU reference under emulation."""
+        if self.emulated:
+            return reference_varlen_attention
+        try:
+            from flash_attn.flash_attn_interface import flash_attn_varlen_func
+        except Exception:  # not installed, or built for another device
+            return None
+        return flash_attn_varlen_func
+
+    def training_arguments(self) -> dict[str, Any]:
+        if self.emulated:  # tensors live on the CPU: gloo is the collective that can move them
+            return {"use_cpu": True, **({"ddp_backend": "gloo"} if launched_distributed() else {})}
+        return super().training_arguments()
+
+    def environment(self) -> dict[str, str]:
+        if self.emulated:
+            return {"GLMPORT_EMULATE": self.device_type, "DS_ACCELERATOR": "cpu"}
+        return {}
