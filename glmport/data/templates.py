@@ -179,7 +179,7 @@ class GLM4Template(Template):
     def _tools_system_message(self, message: Message) -> list[int]:
         """The model's own tool prompt when the tokenizer has a chat template (as upstream), else the
         tools as JSON after the system text."""
-        if getattr(self.tokenizer, "chat_template", None):
+        if getattr(self.tokenizer, "chat_template", None) or _overrides_chat_template(self.tokenizer):
             rendered = {"role": "system", "content": message.content, "tools": message.tools}
             ids = self.tokenizer.apply_chat_template([rendered], tokenize=True)
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
@@ -210,6 +210,14 @@ class GLM4Template(Template):
         # combine: only the last reply is a target; its prompt stops before it (upstream's prompt
         # contained the reference answer, which made its combine-mode metrics meaningless).
         return [rendered.answer] if self.combine else super()._eval_targets(rendered)
+
+
+def _overrides_chat_template(tokenizer) -> bool:
+    """The Jul-2024 GLM-4 tokenizer renders chats in Python (no chat_template in its config)."""
+    from transformers import PreTrainedTokenizerBase
+
+    method = getattr(type(tokenizer), "apply_chat_template", None)
+    return method is not None and method is not PreTrainedTokenizerBase.apply_chat_template
 
 
 def detect_template(tokenizer) -> str:

@@ -127,9 +127,10 @@ def test_bad_input_fails_before_the_model_loads(case, models, data_dir, tmp_path
 def test_quickstart_config_trains_and_the_loss_falls(repo_root, tmp_path):
     result = ok(run_glmport("train", repo_root / "configs" / "quickstart.yaml", "-q",
                             f"training_args.output_dir={tmp_path / 'out'}", f"glmport.model_dir={tmp_path / 'model'}",
-                            f"glmport.data_dir={tmp_path / 'data'}", "training_args.report_to=none"))
+                            f"glmport.data_dir={tmp_path / 'data'}", "training_args.report_to=none",
+                            "training_args.max_steps=80", "training_args.eval_steps=80", "training_args.save_steps=80"))
     s = summary(tmp_path)
-    assert s["steps"] == 150 and s["first_loss"] - s["last_loss"] > 3.0
+    assert s["steps"] == 80 and s["first_loss"] - s["last_loss"] > 3.0
     assert (tmp_path / "out" / "loss.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "predictions.jsonl").is_file()
