@@ -13,18 +13,25 @@ from typing import Any
 from glmport.errors import SixtyFourBitError
 
 
+def _infinite(tensor, torch):
+    if tensor.is_complex():
+        return torch.isinf(tensor.real) | torch.isinf(tensor.imag)
+    return torch.isinf(tensor)
+
+
 def _narrow_tensor(tensor, target, where: str):
     import torch
 
     if tensor.numel() == 0:
         return tensor.to(target)
-    if target.is_floating_point:
+    if target.is_floating_point or target.is_complex:
         narrowed = tensor.to(target)
-        overflow = torch.isinf(narrowed) & ~torch.isinf(tensor)
+        overflow = _infinite(narrowed, torch) & ~_infinite(tensor, torch)
         if bool(overflow.any()):
             bad = tensor[overflow].flatten()[0].item()
+            largest = torch.finfo(narrowed.real.dtype if target.is_complex else target).max
             raise SixtyFourBitError(
-                f"{where}: value {bad!r} does not fit in {target} (largest finite {torch.finfo(target).max:g}); "
+                f"{where}: value {bad!r} does not fit in {target} (largest finite {largest:g}); "
                 "rescale it before training on this backend"
             )
         return narrowed

@@ -83,8 +83,8 @@ def generate_reply(bundle: InferenceModel, messages, *, max_new_tokens: int = 25
     from glmport.train.guarded import guarded_forward
 
     ids = bundle.template.prompt_ids(messages)
-    device = bundle.backend.device(0)
-    input_ids = torch.tensor([ids], device=device)
+    batch = bundle.backend.coerce({"input_ids": torch.tensor([ids])})  # narrowed before it is moved
+    input_ids = batch["input_ids"].to(bundle.backend.device(0))
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, eos_token_id=list(bundle.template.stop_token_ids),

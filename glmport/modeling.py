@@ -112,10 +112,10 @@ def load_model(info: ModelInfo, backend, *, mode: str, dtype, allow_unverified: 
             model, tokenizer = _load_native(info, dtype, config_overrides)
         else:
             model, tokenizer = _load_remote(info, dtype, session, config_overrides)
+        session.verify_after_build(model)
     except Exception:
         session.undo()
         raise
-    session.verify_after_build(model)
     return LoadedModel(model, tokenizer, info, dtype, session)
 
 

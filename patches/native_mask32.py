@@ -3,7 +3,7 @@
 transformers builds causal/padding masks from ``torch.arange`` index tensors, which are int64; on a device
 without 64-bit kernels every mask of every step is computed through narrowed data. This replacement of
 ``create_causal_mask`` (as imported by ``modeling_glm``) compares int32 positions instead. It returns
-``None`` where no mask is needed (no padding: the attention kernel's causal flag does the job) and
+``None`` where no mask is needed (no padding, SDPA: the kernel's causal flag does the job) and
 otherwise a ``[batch, 1, query, key]`` mask: boolean for SDPA-style kernels, additive float for eager.
 Each query row can at least see itself, so left-padded rows never softmax over nothing.
 """
@@ -20,7 +20,8 @@ def mask32(config, inputs_embeds, attention_mask, past_key_values=None, position
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     keys = past + query
     padded = attention_mask is not None and not bool((attention_mask[:, -keys:] != 0).all())
-    if not padded and (query == 1 or past == 0):
+    eager = getattr(config, "_attn_implementation", "sdpa") == "eager"
+    if not padded and (query == 1 or past == 0) and not eager:  # SDPA's causal flag does the job
         return None
     device = inputs_embeds.device
     q_pos = torch.arange(past, keys, dtype=torch.int32, device=device)
@@ -30,7 +31,7 @@ def mask32(config, inputs_embeds, attention_mask, past_key_values=None, position
         allowed = allowed & (attention_mask[:, None, None, -keys:] != 0)
     allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
     allowed = allowed.expand(batch, 1, query, keys)
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+    if eager:  # eager attention adds the mask to the scores and applies no causal flag of its own
         blocked = torch.finfo(inputs_embeds.dtype).min
         return torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(~allowed, blocked)
     return allowed

@@ -28,8 +28,10 @@ def apply(ctx) -> None:
         bound.arguments["labels"] = None
         output = original(*bound.args, **bound.kwargs)
         total, count = label_loss_sum(output.logits, labels, torch.nn.Identity())
-        output["loss"] = total / max(count, 1)
-        return output
+        # a new output object: assigning a key to the old one would put the loss after the logits,
+        # and output[0] must be the loss, as with the original forward
+        fields = {key: value for key, value in output.items() if key != "loss"}
+        return type(output)(loss=total / max(count, 1), **fields)
 
     ctx.replace("ChatGLMForConditionalGeneration.forward", forward)
 

@@ -27,7 +27,8 @@ def add_parser(subparsers, common) -> None:
     p.add_argument("--resume", metavar="yes|N|no", default=None,
                    help="resume from the latest complete checkpoint (yes), from checkpoint-N, or start over (no)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings, progress lines and the summary")
-    p.set_defaults(handler=cmd_train)
+    # the run checks the backend itself, after reading the config (glmport.emulate may make it available)
+    p.set_defaults(handler=cmd_train, checks_backend=False)
 
 
 def parse_arguments(arguments: list[str], resume_flag: str | None):

@@ -44,10 +44,22 @@ def _footer(file_key: str, digest: str) -> str:
     )
 
 
+def _wrap(text: str, file_key: str, digest: str) -> str:
+    """Header before the module body (after any ``from __future__`` lines, which must come first)."""
+    lines = text.splitlines(keepends=True)
+    split = 0
+    for index, line in enumerate(lines):
+        if line.startswith("from __future__ import"):
+            split = index + 1
+    head, body = "".join(lines[:split]), "".join(lines[split:])
+    return head + _header() + body + _footer(file_key, digest)
+
+
 def original_text(overlay_source: str) -> str:
     """The upstream text inside an overlay module (what the header and footer wrap)."""
-    body = overlay_source.split("# --- end of glmport overlay header ---\n", 1)[-1]
-    return body.rsplit(f"\n{FOOTER_MARK}\n", 1)[0]
+    head, _, rest = overlay_source.partition(f"{HEADER_MARK}\n")
+    body = rest.split("# --- end of glmport overlay header ---\n", 1)[-1]
+    return head + body.rsplit(f"\n{FOOTER_MARK}\n", 1)[0]
 
 
 def capture() -> dict:
@@ -68,16 +80,26 @@ def finish(namespace: dict, file_key: str, digest: str, state: dict, plan: dict)
 
     manager = get_plugin_manager()
     backend = manager.backends.get(plan["backend"])
+    if backend is None:
+        raise PatchError(f"{path}: the overlay was made for backend {plan['backend']!r}, which is not registered here "
+                         "(install the plugin that provides it)")
     module = sys.modules[namespace["__name__"]]
     wanted = {(p["set"], p["id"]) for p in plan["patches"] if p["status"] == "apply" and p["file"] == file_key}
+    available = {(s.name, p.id): p for s, p in manager.patch_sets.select(plan["family"], plan["backend"], plan["mode"])}
+    missing = sorted(f"{name}/{patch_id}" for name, patch_id in wanted - available.keys())
+    if missing:
+        raise PatchError(f"{path}: patches of this overlay are not registered here: {', '.join(missing)} "
+                         "(install the plugin that provides them, or materialize the overlay again)")
     recorder = PatchRecorder()
     modules = {file_key: module}
-    for patch_set, patch in manager.patch_sets.select(plan["family"], plan["backend"], plan["mode"]):
-        if (patch_set.name, patch.id) not in wanted:
-            continue
+    for key in sorted(wanted):
+        patch = available[key]
         recorder.current_patch = patch.id
         patch.apply(PatchContext(module, modules, recorder, backend, plan["mode"], plan["files"][file_key]["revision"],
                                  state, plan["family"]))
+    broken = recorder.verify()
+    if broken:
+        raise PatchError(f"{path}: patches did not stick: {', '.join(broken)}")
     namespace["_glmport_recorder"] = recorder
 
 
@@ -101,7 +123,7 @@ def materialize(plan, model_dir: Path, out_dir: Path) -> Path:
         if item.name in code_files:
             text = item.read_text(encoding="utf-8")
             digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            target.write_text(_header() + text + _footer(code_files[item.name], digest), encoding="utf-8")
+            target.write_text(_wrap(text, code_files[item.name], digest), encoding="utf-8")
         elif item.suffix == ".py":
             shutil.copyfile(item, target)
         else:

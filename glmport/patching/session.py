@@ -31,6 +31,7 @@ from glmport.patching.recorder import PatchRecorder
 
 log = logging.getLogger("glmport")
 SESSION_ATTR = "_glmport_patch_session"
+STATE_ATTR = "_glmport_state_before_import"
 NATIVE_MODULE = "transformers.models.glm.modeling_glm"
 
 
@@ -158,6 +159,16 @@ def capture_process_state() -> dict[str, Any]:
     }
 
 
+def restore_process_state(state: dict[str, Any]) -> None:
+    import torch
+
+    C = torch._C
+    C._jit_set_profiling_mode(state["jit_profiling_mode"])
+    C._jit_set_profiling_executor(state["jit_profiling_executor"])
+    C._jit_override_can_fuse_on_cpu(state["jit_fuse_cpu"])
+    C._jit_override_can_fuse_on_gpu(state["jit_fuse_gpu"])
+
+
 def _remote_class_refs(info) -> tuple[str, str, str | None]:
     auto_map = info.auto_map
     config_ref = auto_map.get("AutoConfig")
@@ -241,6 +252,10 @@ def patch_session(info, backend, mode: str, *, allow_unverified: bool = False, r
         registry = get_plugin_manager().patch_sets
     state = capture_process_state()
     modules, classes = load_modules(info)
+    # The remote module flips TorchScript flags when it is first imported; a later session in the same
+    # process finds it cached, so the state from before that first import is kept on the module.
+    first = modules.get("modeling") or next(iter(modules.values()))
+    state = first.__dict__.setdefault(STATE_ATTR, state)
     for module in modules.values():
         owner = getattr(module, SESSION_ATTR, None)
         if owner is not None and owner.active:
@@ -248,6 +263,7 @@ def patch_session(info, backend, mode: str, *, allow_unverified: bool = False, r
                              "process; undo that session before patching again")
     plan = make_plan(info, backend.name, mode, registry, modules=modules, allow_unverified=allow_unverified)
     if plan.problems:
+        restore_process_state(state)  # refused: leave the process as it was before the import
         raise PatchError(f"cannot patch {info.path} for backend {backend.name}, mode {mode}", plan.problems)
     recorder = PatchRecorder()
     session = PatchSession(plan, modules, classes, recorder)

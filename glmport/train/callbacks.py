@@ -1,10 +1,8 @@
-"""Trainer callbacks: progress lines, the 64-bit guard around optimizer steps, the loss record."""
+"""Trainer callbacks: one progress line per logging step."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import sys
 import time
 
@@ -58,36 +56,3 @@ class ProgressCallback(TrainerCallback):
 
     def _print(self, line: str) -> None:
         print(f"[glmport] {line}", file=self.stream, flush=True)
-
-
-class OptimizerGuardCallback(TrainerCallback):
-    """Runs the optimizer step inside the trainer's device context (compute context + 64-bit guard)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self._stack: contextlib.ExitStack | None = None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.trainer.device_step())
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.close()
-
-    def close(self) -> None:
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            stack.close()
-
-
-class NonFiniteLossCallback(TrainerCallback):
-    """Stops the run at the first NaN/inf training loss instead of training on garbage for hours."""
-
-    def __init__(self):
-        self.bad_step = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if isinstance(loss, float) and not math.isfinite(loss):
-            self.bad_step = state.global_step
-            control.should_training_stop = True

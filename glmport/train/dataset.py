@@ -75,33 +75,29 @@ def _train_rows(result, template, max_in: int, max_out: int, stats: SplitStats, 
 def _eval_rows(result, template, max_in: int, max_out: int, cap: int | None, stats: SplitStats,
                skip_invalid: bool) -> list[dict]:
     rows = []
+    # Every record is encoded (a bad one is an error even past the cap); only the first `cap` are kept.
     for _, samples in _each_sample(result, lambda c: template.eval_samples(c, max_in, max_out), skip_invalid):
         for sample in samples:
-            rows.append({"prompt_ids": sample.prompt_ids, "output_ids": sample.output_ids, "source": sample.source})
-            if cap is not None and len(rows) >= cap:
-                stats.samples = len(rows)
-                return rows
+            if cap is None or len(rows) < cap:
+                rows.append({"prompt_ids": sample.prompt_ids, "output_ids": sample.output_ids, "source": sample.source})
     stats.samples = len(rows)
     return rows
 
 
-def build_datasets(run_config, template, output_dir: Path) -> Datasets:
-    """Load, validate and tokenize every split named in ``data_config``."""
+def build_datasets(run_config, template, output_dir: Path, records: dict) -> Datasets:
+    """Tokenize every split already read by :func:`glmport.data.loader.load_conversations`."""
     from datasets import Dataset
 
-    from glmport.data.loader import load_conversations, write_skip_report
+    from glmport.data.loader import write_skip_report
 
     settings = run_config.glmport
     stats: dict[str, SplitStats] = {}
     skipped_results = []
     splits: dict[str, Any] = {"train": None, "val": None, "test": None}
     for split in splits:
-        path = run_config.data_path(split)
-        if path is None:
+        result = records.get(split)
+        if result is None:
             continue
-        result = load_conversations(
-            path, fmt=settings.data_format, skip_invalid=settings.skip_invalid, key=f"data_config.{split}_file"
-        )
         split_stats = stats[split] = SplitStats(records=len(result.conversations))
         max_in, max_out = run_config.max_input_length, run_config.max_output_length
         if split == "train":
@@ -142,14 +138,6 @@ class Collator:
     """
 
     pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def _round(self, rows: list[list[int]], value: int) -> list[list[int]]:
-        if self.pad_to_multiple_of:
-            width = max(len(r) for r in rows)
-            target = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-            rows = [r + [value] * (target - len(r)) for r in rows]
-        return rows
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -162,8 +150,8 @@ class Collator:
 
     def _causal_batch(self, ids, labels, torch) -> dict:
         lengths = [len(r) for r in ids]
-        ids = self._round(_pad(ids, self.pad_token_id), self.pad_token_id)
-        labels = self._round(_pad(labels, -100), -100)
+        ids = _pad(ids, self.pad_token_id)
+        labels = _pad(labels, -100)
         width = len(ids[0])
         mask = [[1] * n + [0] * (width - n) for n in lengths]
         positions = [list(range(n)) + [0] * (width - n) for n in lengths]
@@ -188,6 +176,5 @@ class Collator:
         width = max(lengths)
         batch["gen_input_ids"] = torch.tensor(_pad(prompts, self.pad_token_id, left=True))
         batch["gen_attention_mask"] = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
-        batch["gen_position_ids"] = torch.tensor([[0] * (width - n) + list(range(n)) for n in lengths])
         batch["gen_output_ids"] = torch.tensor(_pad(outputs, -100))
         return batch

@@ -22,6 +22,7 @@ def innermost_model(model):
 @contextlib.contextmanager
 def guarded_forward(model, backend, guard_mode: str | None, on_report=None):
     target = innermost_model(model)
+    own = target.__dict__.get("forward")  # e.g. accelerate's autocast wrapper: must survive us
     original = target.forward
     policy = backend.sixty_four_bit_policy()
     use_guard = bool(guard_mode) and policy.lacks_64bit
@@ -42,4 +43,7 @@ def guarded_forward(model, backend, guard_mode: str | None, on_report=None):
     try:
         yield
     finally:
-        del target.forward  # back to the class's method
+        if own is not None:
+            target.forward = own
+        else:
+            del target.forward  # back to the class's method

@@ -76,7 +76,8 @@ def apply_method(model, info, method: str, peft_config: dict | None, backend=Non
     if method == "lora":
         targets = settings.get("target_modules") or LORA_TARGETS[info.kind]
         available = _linear_names(model)
-        missing = [t for t in ([targets] if isinstance(targets, str) else targets) if t not in available]
+        # a string is a regular expression for peft (matched against full module names): peft checks it
+        missing = [] if isinstance(targets, str) else [t for t in targets if t not in available]
         if missing:
             raise ConfigError(
                 f"{where}.target_modules: {missing} not found in this {info.kind} model; "

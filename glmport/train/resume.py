@@ -3,7 +3,8 @@
 RESUME (the upstream script's fourth argument, or ``--resume``):
 
 * ``yes``: the latest *complete* checkpoint in the output folder; a fresh start when there is none.
-* ``N``: ``checkpoint-N``, which must exist and be complete (a clear error otherwise, listing those that do).
+* ``N``: ``checkpoint-N``, which must exist and be complete (a clear error otherwise, listing those that do);
+  later checkpoints belong to the continuation being abandoned and are moved into ``superseded-<time>/``.
 * ``no``: a real restart. Earlier checkpoints and results are moved aside into ``superseded-<time>/``
   (upstream's ``no`` silently trained nothing).
 * not given: a fresh start, unless the folder already holds a run, which is then an error asking for
@@ -26,7 +27,7 @@ from glmport.errors import ResumeError
 
 MARKER = "glmport_checkpoint.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-RESULT_NAMES = ("final", "run_summary.json", "loss.png", "predictions.jsonl")
+RESULT_NAMES = ("final", "run_summary.json", "loss.png", "predictions.jsonl", "runs", "skipped_records.jsonl")
 
 
 @dataclass
@@ -72,6 +73,14 @@ def _previous_run(output_dir: Path) -> list[Path]:
             if CHECKPOINT.match(c.name.split(".")[0]) or c.name in RESULT_NAMES]
 
 
+def _archive(output_dir: Path, items: list[Path]) -> Path:
+    archive = _free_name(output_dir / time.strftime("superseded-%Y%m%d-%H%M%S"))
+    archive.mkdir()
+    for item in items:
+        item.rename(archive / item.name)
+    return archive
+
+
 def plan_resume(output_dir: Path, resume: str | None, *, where: str = "RESUME") -> ResumePlan:
     """Decide how the run starts. ``where`` names the argument in errors."""
     value = (resume or "").strip()
@@ -79,18 +88,16 @@ def plan_resume(output_dir: Path, resume: str | None, *, where: str = "RESUME") 
     if lowered in ("", "no"):
         complete = checkpoints(output_dir)
         old = _previous_run(output_dir)
-        if lowered == "" and complete:
-            latest = max(complete)
+        if lowered == "" and old:
+            latest = f"latest complete checkpoint: checkpoint-{max(complete)}" if complete else \
+                "found: " + ", ".join(sorted(item.name for item in old))
             raise ResumeError(
-                f"{output_dir} already holds a run (latest complete checkpoint: checkpoint-{latest})\n"
+                f"{output_dir} already holds a run ({latest})\n"
                 f"    -> pass {where} yes to continue it, or {where} no to start over (the old run is kept "
                 "in a superseded-<time> folder)"
             )
         if lowered == "no" and old:
-            archive = output_dir / time.strftime("superseded-%Y%m%d-%H%M%S")
-            archive.mkdir()
-            for item in old:
-                item.rename(archive / item.name)
+            archive = _archive(output_dir, old)
             return ResumePlan(None, [f"started over: the earlier run was moved to {archive}"])
         return ResumePlan(None)
     if lowered == "yes":
@@ -111,5 +118,9 @@ def plan_resume(output_dir: Path, resume: str | None, *, where: str = "RESUME") 
                 f"{where} {value}: {output_dir / f'checkpoint-{step}'} does not exist or is incomplete\n"
                 f"    -> complete checkpoints in {output_dir}: {available}"
             )
-        return ResumePlan(complete[step], [f"resuming from checkpoint-{step}"])
+        notes = [f"resuming from checkpoint-{step}"]
+        later = [path for s, path in complete.items() if s > step]
+        if later:  # they belong to the abandoned continuation: keep them, but out of the way
+            notes.append(f"checkpoints after step {step} were moved to {_archive(output_dir, later)}")
+        return ResumePlan(complete[step], notes)
     raise ResumeError(f"{where} {value!r}: expected yes, no or a checkpoint step number")

@@ -65,8 +65,6 @@ class TrainingRun:
 
 
 def _choose_backend(config: RunConfig, flag: str | None, manager) -> Selection:
-    if config.glmport.emulate:
-        os.environ["GLMPORT_EMULATE"] = config.glmport.emulate
     requested, source = flag, "--backend"
     if requested in (None, "", "auto") and config.glmport.backend not in ("", "auto"):
         requested, source = config.glmport.backend, config.locate("glmport.backend")
@@ -90,7 +88,7 @@ def _guard_mode(setting: str, backend) -> str | None:
     return "error" if backend.availability().emulated else None  # auto
 
 
-def _check_deepspeed(config: RunConfig, backend) -> None:
+def _check_deepspeed(config: RunConfig, backend, env) -> None:
     if not config.training_args.get("deepspeed"):
         return
     info = backend.deepspeed()
@@ -98,7 +96,7 @@ def _check_deepspeed(config: RunConfig, backend) -> None:
         raise ConfigError("DeepSpeed is configured but cannot run here", [Problem(
             config.locate("training_args.deepspeed"), f"training_args.deepspeed: {info.note}",
             "install it, or remove training_args.deepspeed to train without it")])
-    os.environ.setdefault("DS_ACCELERATOR", info.accelerator)
+    env.set("DS_ACCELERATOR", info.accelerator, keep_existing=True)
 
 
 def prepare_inputs(config: RunConfig) -> None:
@@ -121,8 +119,9 @@ def synthetic_alphabet() -> str:
     return ALPHABET
 
 
-def _training_arguments(run: TrainingRun):
-    from transformers import GenerationConfig, Seq2SeqTrainingArguments
+def _training_arguments(run: TrainingRun, *, has_eval: bool, generation=None):
+    """The user's training_args plus glmport's defaults and the backend's overrides."""
+    from transformers import Seq2SeqTrainingArguments
 
     config, backend = run.config, run.backend
     args = dict(config.training_args)
@@ -131,42 +130,54 @@ def _training_arguments(run: TrainingRun):
     if args.get("report_to") in ("tensorboard", ["tensorboard"]) and not _has_tensorboard():
         log.warning("report_to tensorboard: tensorboard is not installed (pip install 'glmport[plot]'); not logging to it")
         args["report_to"] = "none"
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.output_dir / "runs"))
     args.setdefault("disable_tqdm", True)  # glmport prints one progress line per logging step
     args["remove_unused_columns"] = False  # our collator needs every column
-    if run.config.glmport.seed is not None:
-        args["seed"] = run.config.glmport.seed
+    if config.glmport.seed is not None:
+        args["seed"] = config.glmport.seed
     workers = args.get("dataloader_num_workers", 0)
     if workers and workers > (os.cpu_count() or 1):
         log.warning("training_args.dataloader_num_workers %d > %d CPUs: using %d", workers, os.cpu_count(), os.cpu_count())
         args["dataloader_num_workers"] = os.cpu_count()
-    if run.datasets.eval is None:
+    if not has_eval:
         # Upstream's __post_init__ did this by assigning the removed evaluation_strategy field: no-op on
         # current transformers, so runs without a validation set crashed at the first evaluation.
         args["eval_strategy"] = "no"
         args["do_eval"] = False
         args.pop("eval_steps", None)
-    if run.config.method == "sft" and "bf16" not in args and "fp16" not in args:
+    if config.method == "sft" and "bf16" not in args and "fp16" not in args:
         import torch
 
         if backend.preferred_dtype() == torch.bfloat16:
             args["bf16"] = True
-    gen = args.pop("generation_config", None) or {}
-    if not isinstance(gen, dict):
-        raise ConfigError(f"{config.locate('training_args.generation_config')}: generation_config must be a mapping")
-    template = run.template
-    generation = GenerationConfig(**{"max_new_tokens": 512, **gen})
-    generation.pad_token_id = template.pad_token_id
-    generation.eos_token_id = list(template.stop_token_ids)
-    args["generation_config"] = generation
+    args.pop("generation_config", None)
+    if generation is not None:
+        args["generation_config"] = generation
     # glmport turns checkpointing on itself and checks that it took (the 2024 remote code ignores the call)
     args.pop("gradient_checkpointing", None)
     args.pop("activation_checkpointing", None)
     args.update(backend.training_arguments())
     try:
-        return Seq2SeqTrainingArguments(**args)
+        built = Seq2SeqTrainingArguments(**args)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{config.path}: transformers rejects the training_args: {exc}") from None
+    if built.n_gpu > 1:
+        # One process driving several devices means torch DataParallel, which glmport does not use.
+        env = backend.visible_devices_env or "the backend's visible-devices variable"
+        raise ConfigError(f"{built.n_gpu} {backend.name} devices are visible to this single process: set {env} to one "
+                          "device (glmport trains one device per process)")
+    return built
+
+
+def _generation_config(run: TrainingRun):
+    from transformers import GenerationConfig
+
+    gen = run.config.training_args.get("generation_config") or {}
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{run.config.locate('training_args.generation_config')}: generation_config must be a mapping")
+    generation = GenerationConfig(**{"max_new_tokens": 512, **gen})
+    generation.pad_token_id = run.template.pad_token_id
+    generation.eos_token_id = list(run.template.stop_token_ids)
+    return generation
 
 
 def _has_tensorboard() -> bool:
@@ -175,35 +186,86 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
-def build_run(request: TrainRequest, manager) -> TrainingRun:
-    """Everything up to (and including) loading the model and data. Checks come first."""
+def _refuse_multiprocess() -> None:
+    from glmport.backend import launched_distributed
+
+    if launched_distributed():
+        raise ConfigError(
+            f"glmport train was started as one of {os.environ.get('WORLD_SIZE')} processes (WORLD_SIZE): this release "
+            "trains with one process on one device; multi-process launch is not supported yet"
+        )
+
+
+class EnvironmentChanges:
+    """Environment variables set for one run, restored afterwards (an in-process caller keeps its own)."""
+
+    def __init__(self) -> None:
+        self.previous: dict[str, str | None] = {}
+
+    def set(self, key: str, value: str, *, keep_existing: bool = False) -> None:
+        if keep_existing and key in os.environ:
+            return
+        self.previous.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+
+    def restore(self) -> None:
+        for key, value in self.previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.previous.clear()
+
+
+def build_run(request: TrainRequest, manager, env: EnvironmentChanges) -> TrainingRun:
+    """Everything up to (and including) loading the model and data. Every input check comes first."""
     from glmport.train.resume import plan_resume
 
+    _refuse_multiprocess()
     config = load_run_config(request.config, request.overrides, data_dir=request.data_dir, model_dir=request.model_dir)
+    if config.glmport.emulate:
+        env.set("GLMPORT_EMULATE", config.glmport.emulate)
     selection = _choose_backend(config, request.backend, manager)
     backend = selection.backend
-    _check_deepspeed(config, backend)
+    _check_deepspeed(config, backend, env)
     output_dir = Path(config.training_args.get("output_dir") or "./output")
-    plan = plan_resume(output_dir, request.resume, where=request.resume_flag)
-    run = TrainingRun(request, config, selection, output_dir, plan.checkpoint, notes=list(plan.notes))
+    run = TrainingRun(request, config, selection, output_dir)
     run.guard_mode = _guard_mode(config.glmport.guard_64bit, backend)
-    for key, value in backend.environment().items():
-        os.environ.setdefault(key, value)
+    has_eval = config.data_config.val_file is not None and config.glmport.eval_samples > 0
+    _training_arguments(run, has_eval=has_eval)  # transformers' own checks, before anything is loaded
     prepare_inputs(config)
+    records = _read_records(config)
+    plan = plan_resume(output_dir, request.resume, where=request.resume_flag)
+    run.resume_from, run.notes = plan.checkpoint, list(plan.notes)
+    for key, value in backend.environment().items():
+        env.set(key, value, keep_existing=True)
+    env.set("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"), keep_existing="TENSORBOARD_LOGGING_DIR" in os.environ)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _load(run)
+    _load(run, records, has_eval)
     return run
 
 
-def _load(run: TrainingRun) -> None:
+def _read_records(config: RunConfig) -> dict:
+    """Every split read and validated (file/line errors) before the model is loaded."""
+    from glmport.data.loader import load_conversations
+
+    records = {}
+    for split in ("train", "val", "test"):
+        path = config.data_path(split)
+        if path is not None and (split != "val" or config.glmport.eval_samples > 0):
+            records[split] = load_conversations(path, fmt=config.glmport.data_format,
+                                                skip_invalid=config.glmport.skip_invalid, key=f"data_config.{split}_file")
+    return records
+
+
+def _load(run: TrainingRun, records: dict, has_eval: bool) -> None:
     from glmport.data.templates import get_template
     from glmport.modeling import inspect_model_dir, load_model, resolve_dtype
     from glmport.train.dataset import build_datasets
     from glmport.train.methods import apply_method, enable_gradient_checkpointing, prefix_config_overrides
 
     config, backend = run.config, run.backend
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend.set_device(local_rank)
+    backend.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend.seed(int(config.glmport.seed if config.glmport.seed is not None else config.training_args.get("seed", 42)))
     info = inspect_model_dir(config.model_dir.resolve(), config.glmport.model_family)
     dtype, note = resolve_dtype(config.glmport.dtype, backend, info.family, config.method)
@@ -215,22 +277,27 @@ def _load(run: TrainingRun) -> None:
         config_overrides=prefix_config_overrides(info, config.peft_config),
     )
     run.template = get_template(config.glmport.template, run.loaded.tokenizer, combine=config.combine)
-    run.datasets = build_datasets(config, run.template, run.output_dir)
+    run.datasets = build_datasets(config, run.template, run.output_dir, records)
     if run.datasets.train is None:
         raise GlmportError(f"{config.data_path('train')}: no training samples")
+    if not has_eval:
+        run.datasets.eval = None
     run.model = apply_method(run.loaded.model, info, config.method, config.peft_config, backend)
     if config.training_args.get("gradient_checkpointing") or config.training_args.get("activation_checkpointing"):
         enable_gradient_checkpointing(run.model, info)
 
 
 def build_trainer(run: TrainingRun, manager):
-    from glmport.train.callbacks import NonFiniteLossCallback, OptimizerGuardCallback, ProgressCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from glmport.train.callbacks import ProgressCallback
     from glmport.train.dataset import Collator
     from glmport.train.trainer import GlmTrainer
 
-    args = _training_arguments(run)
+    args = _training_arguments(run, has_eval=run.datasets.eval is not None, generation=_generation_config(run))
+    generates = (args.predict_with_generate and run.datasets.eval is not None) or run.datasets.test is not None
     compute_metrics = None
-    if args.predict_with_generate and run.datasets.eval is not None:
+    if generates:
         from glmport.train.metrics import make_compute_metrics
 
         compute_metrics = make_compute_metrics(run.loaded.tokenizer, run.template.pad_token_id)
@@ -245,12 +312,8 @@ def build_trainer(run: TrainingRun, manager):
         backend=run.backend,
         guard_mode=run.guard_mode,
     )
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints lines
     trainer.add_callback(ProgressCallback(trainer))
-    trainer.add_callback(OptimizerGuardCallback(trainer))
-    trainer.add_callback(NonFiniteLossCallback())
     for plugin_callbacks in manager.hook.glmport_trainer_callbacks(run=run):
         for callback in plugin_callbacks or []:
             trainer.add_callback(callback)
@@ -260,31 +323,32 @@ def build_trainer(run: TrainingRun, manager):
 
 def run_training(request: TrainRequest, manager) -> dict:
     """Train, save, evaluate the test split, plot, summarize. Returns the summary."""
-    from glmport.train.callbacks import NonFiniteLossCallback, OptimizerGuardCallback
     from glmport.train.summary import publish_result, summarize, write_predictions
 
     started = time.time()
-    run = build_run(request, manager)
-    trainer = build_trainer(run, manager)
-    manager.hook.glmport_before_train(run=run)
-    run.backend.reset_peak_memory()
+    env = EnvironmentChanges()
+    run = None
     try:
+        run = build_run(request, manager, env)
+        trainer = build_trainer(run, manager)
+        manager.hook.glmport_before_train(run=run)
+        run.backend.reset_peak_memory()
         trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        if trainer.first_nonfinite_step is not None:
+            raise GlmportError(
+                f"the training loss became NaN/inf at step {trainer.first_nonfinite_step}; stopped without publishing "
+                "a result or a checkpoint of that state. Lower the learning rate, or use bf16/fp32 (fp16 overflows "
+                "GLM-4). Complete checkpoints from before it remain."
+            )
+        result_dir = publish_result(run)
+        predictions = write_predictions(run) if run.datasets.test is not None else None
+        summary = summarize(run, started, result_dir, predictions)
+        manager.hook.glmport_after_train(run=run, summary=summary)
+        return summary
     finally:
-        for callback in trainer.callback_handler.callbacks:
-            if isinstance(callback, OptimizerGuardCallback):
-                callback.close()
-    bad = next((c.bad_step for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteLossCallback)), None)
-    if bad is not None:
-        raise GlmportError(
-            f"the training loss became NaN/inf at step {bad}; stopped without publishing a result. Lower the "
-            "learning rate, or use bf16/fp32 (fp16 overflows GLM-4). Complete checkpoints before it remain."
-        )
-    result_dir = publish_result(run)
-    predictions = write_predictions(run) if run.datasets.test is not None else None
-    summary = summarize(run, started, result_dir, predictions)
-    manager.hook.glmport_after_train(run=run, summary=summary)
-    return summary
+        if run is not None and run.loaded is not None and run.loaded.patches is not None:
+            run.loaded.patches.undo()
+        env.restore()
 
 
 def remove_tree(path: Path) -> None:

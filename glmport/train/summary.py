@@ -21,15 +21,17 @@ REMOTE_CODE = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_
 def _save_model(run: TrainingRun, staging: Path) -> str:
     from glmport.train.methods import uses_own_prefix_encoder
 
-    info = run.loaded.info
+    info, trainer = run.loaded.info, run.trainer
     if uses_own_prefix_encoder(info, run.config.peft_config):
         from safetensors.torch import save_file
 
-        encoder = run.model.transformer.prefix_encoder
-        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-                  str(staging / "prefix_encoder.safetensors"))
+        # through accelerate, so weights sharded by DeepSpeed/FSDP are gathered first
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        marker = "transformer.prefix_encoder."
+        encoder = {k.split(marker, 1)[1]: v.detach().cpu().contiguous() for k, v in state.items() if marker in k}
+        save_file(encoder, str(staging / "prefix_encoder.safetensors"))
         return "prefix-encoder"
-    run.model.save_pretrained(str(staging))
+    trainer.save_model(str(staging))
     if run.config.method == "sft" and info.kind == "remote":
         for name in REMOTE_CODE:  # the folder loads by path like the original (patches are applied at load)
             if (info.path / name).is_file():
@@ -77,7 +79,11 @@ def write_predictions(run: TrainingRun) -> Path:
     import numpy as np
 
     trainer, tokenizer = run.trainer, run.loaded.tokenizer
-    output = trainer.predict(run.datasets.test, metric_key_prefix="test")
+    trainer.force_generate = True  # predictions are the point here, whatever predict_with_generate says
+    try:
+        output = trainer.predict(run.datasets.test, metric_key_prefix="test")
+    finally:
+        trainer.force_generate = False
     path = run.output_dir / "predictions.jsonl"
     tmp = path.with_name(path.name + ".partial")
     rows = run.datasets.test
@@ -138,7 +144,8 @@ def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: P
         "data": stats,
         "skipped_report": str(run.datasets.skip_report) if run.datasets.skip_report else None,
         "outputs": {"result": str(result_dir), "loss_plot": str(plot) if plot else None,
-                    "tensorboard": os.environ.get("TENSORBOARD_LOGGING_DIR"),
+                    "tensorboard": os.environ.get("TENSORBOARD_LOGGING_DIR") if "tensorboard" in trainer.args.report_to
+                    else None,
                     "predictions": str(predictions) if predictions else None},
         "notes": run.notes,
         "wall_time_s": time.time() - started,

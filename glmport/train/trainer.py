@@ -27,7 +27,7 @@ from glmport.guard import GuardReport, sixty_four_bit_guard
 from glmport.train.loss import model_loss_sum
 from glmport.train.resume import MARKER
 
-GEN_KEYS = ("gen_input_ids", "gen_attention_mask", "gen_position_ids", "gen_output_ids")
+GEN_KEYS = ("gen_input_ids", "gen_attention_mask", "gen_output_ids")
 
 
 class GlmTrainer(Seq2SeqTrainer):
@@ -37,6 +37,8 @@ class GlmTrainer(Seq2SeqTrainer):
         self.guard_mode = guard_mode  # None: off; "error" or "report"
         self.guard_report = GuardReport()
         self.tokens_seen = 0
+        self.first_nonfinite_step: int | None = None  # a diverged run stops and publishes nothing
+        self.force_generate = False  # test-split predictions generate even without predict_with_generate
         self.label_tokens_seen = 0
         # Let the Trainer count label tokens across the accumulated batch and hand us the total.
         self.model_accepts_loss_kwargs = True
@@ -66,6 +68,20 @@ class GlmTrainer(Seq2SeqTrainer):
         known = {(leak.op, leak.site) for leak in self.guard_report.leaks}
         self.guard_report.leaks.extend(leak for leak in report.leaks if (leak.op, leak.site) not in known)
 
+    def create_optimizer(self, *args, **kwargs):
+        """The optimizer step runs inside the device context too (guard included), like forward/backward."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not getattr(optimizer.step, "_glmport_wrapped", False):
+            step = optimizer.step
+
+            def guarded_step(*step_args, **step_kwargs):
+                with self.device_step():
+                    return step(*step_args, **step_kwargs)
+
+            guarded_step._glmport_wrapped = True
+            optimizer.step = guarded_step
+        return optimizer
+
     def _prepare_inputs(self, inputs):
         return super()._prepare_inputs(self.backend.coerce(inputs))
 
@@ -74,7 +90,11 @@ class GlmTrainer(Seq2SeqTrainer):
         self.label_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
         inputs = self.backend.coerce(inputs)  # host-side narrowing happens before the guarded step
         with self.device_step():
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.first_nonfinite_step is None and not bool(torch.isfinite(loss)):
+            self.first_nonfinite_step = self.state.global_step + 1
+            self.control.should_training_stop = True
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -95,7 +115,8 @@ class GlmTrainer(Seq2SeqTrainer):
             labels = inputs["labels"]
             loss_sum, count, _ = model_loss_sum(model, {k: v for k, v in inputs.items() if k != "labels"}, labels)
             loss = (loss_sum / max(count, 1)).detach()
-        if prediction_loss_only or not self.args.predict_with_generate or not gen:
+        generate = self.args.predict_with_generate or self.force_generate
+        if (prediction_loss_only and not self.force_generate) or not generate or not gen:
             return loss, None, None
         generated = self._generate(model, gen, gen_kwargs)
         return loss, generated, gen["gen_output_ids"]
@@ -115,6 +136,8 @@ class GlmTrainer(Seq2SeqTrainer):
 
     # --- checkpoints ------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
+        if self.first_nonfinite_step is not None:
+            return  # never mark weights from a diverged step as a complete checkpoint
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         writing = folder / ".glmport_writing"
         if self.args.should_save:
@@ -123,7 +146,9 @@ class GlmTrainer(Seq2SeqTrainer):
             writing.touch()
         super()._save_checkpoint(model, trial)
         if self.args.should_save and folder.is_dir():
-            marker = {"step": self.state.global_step, "time": time.time(), "files": sorted(os.listdir(folder))}
+            self.accelerator.wait_for_everyone()  # every rank has written its part
+            files = sorted(f for f in os.listdir(folder) if not f.startswith(".glmport"))
+            marker = {"step": self.state.global_step, "time": time.time(), "files": files}
             tmp = folder / (MARKER + ".tmp")
             tmp.write_text(json.dumps(marker, indent=2))
             os.replace(tmp, folder / MARKER)

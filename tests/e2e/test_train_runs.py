@@ -135,3 +135,22 @@ def test_quickstart_config_trains_and_the_loss_falls(repo_root, tmp_path):
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "predictions.jsonl").is_file()
     assert "glmport train: lora" in result.stdout
+
+
+def test_a_diverging_run_stops_and_publishes_nothing(models, data_dir, tmp_path):
+    config = write_config(tmp_path, "lora", training_args__eval_strategy="no", training_args__save_steps=1,
+                          training_args__learning_rate=1e30, training_args__max_grad_norm=0.0)
+    result = run_glmport("train", data_dir, models["native"], config, "-q")
+    assert result.returncode == 2 and "became NaN/inf at step" in result.stderr, result.stderr
+    out = tmp_path / "out"
+    assert not (out / "final").exists() and not (out / "run_summary.json").exists()
+    for folder in out.glob("checkpoint-*"):  # only steps from before the divergence are marked complete
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert all(isinstance(e.get("loss", 0.0), float) for e in state["log_history"])
+
+
+def test_backend_flag_works_with_emulation_set_in_the_config(models, data_dir, tmp_path):
+    config = write_config(tmp_path, "lora", glmport={"emulate": "mlu", "dtype": "fp32", "eval_samples": 2},
+                          training_args__max_steps=2, training_args__save_strategy="no", training_args__eval_strategy="no")
+    ok(run_glmport("train", data_dir, models["native"], config, "--backend", "mlu", "-q"))
+    assert summary(tmp_path)["emulated"] is True

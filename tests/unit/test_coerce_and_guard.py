@@ -64,3 +64,11 @@ def test_report_mode_lists_each_leak_once():
         ids.float() * torch.ones(4, dtype=torch.float64)
     ops = [leak.op for leak in report.leaks]
     assert ops.count("aten.add.Tensor") == 1 and "aten.mul.Tensor" in ops
+
+
+def test_coerce_narrows_complex_and_refuses_overflow():
+    narrow = {torch.complex128: torch.complex64}
+    out = coerce_batch({"z": torch.tensor([1 + 2j], dtype=torch.complex128)}, narrow)
+    assert out["z"].dtype == torch.complex64 and out["z"].tolist() == [1 + 2j]
+    with pytest.raises(SixtyFourBitError, match="does not fit in torch.complex64"):
+        coerce_batch({"z": torch.tensor([1e300 + 0j], dtype=torch.complex128)}, narrow)

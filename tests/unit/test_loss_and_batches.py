@@ -47,7 +47,6 @@ def test_eval_batches_carry_left_padded_prompts_for_generation():
     assert batch["labels"].tolist() == [[-100, -100, 3], [-100, 5, 6]]
     assert batch["gen_input_ids"].tolist() == [[1, 2], [0, 4]]
     assert batch["gen_attention_mask"].tolist() == [[1, 1], [0, 1]]
-    assert batch["gen_position_ids"].tolist() == [[0, 1], [0, 0]]
     assert batch["gen_output_ids"].tolist() == [[3, -100], [5, 6]]
 
 

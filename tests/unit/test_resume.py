@@ -67,3 +67,22 @@ def test_upstream_checkpoints_without_marker_count_when_trainer_state_is_there(t
     folder = checkpoint(out, 500, complete=False)
     (folder / "trainer_state.json").write_text("{}")
     assert plan_resume(out, "yes").checkpoint == folder
+
+
+def test_nothing_given_also_protects_a_finished_run_without_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    (out / "run_summary.json").write_text("{}")
+    with pytest.raises(ResumeError, match=r"already holds a run \(found: final, run_summary.json\)"):
+        plan_resume(out, None)
+
+
+def test_resuming_an_earlier_step_moves_the_later_checkpoints_aside(tmp_path):
+    out = tmp_path / "out"
+    for step in (2, 4, 6):
+        checkpoint(out, step)
+    plan = plan_resume(out, "2")
+    assert plan.checkpoint == out / "checkpoint-2" and "after step 2" in plan.notes[1]
+    archived = next(out.glob("superseded-*"))
+    assert sorted(p.name for p in archived.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert plan_resume(out, "yes").checkpoint == out / "checkpoint-2"
