@@ -132,6 +132,9 @@ def _load_native(info: ModelInfo, dtype, config_overrides):
 
 def _load_remote(info: ModelInfo, dtype, session, config_overrides):
     config_cls, model_cls, tokenizer_cls = session.remote_classes
+    if tokenizer_cls is None:
+        raise ModelError(f"{info.path}: no tokenizer_config.json with an auto_map AutoTokenizer entry; copy the "
+                         "tokenizer files of the model download into the folder")
     tokenizer = tokenizer_cls.from_pretrained(str(info.path))
     config = config_cls.from_pretrained(str(info.path))
     for key, value in (config_overrides or {}).items():

@@ -30,13 +30,13 @@ def int32_prompt(self, batch_size, device, dtype=None):
 
 
 def apply(ctx) -> None:
-    ctx.replace("ChatGLMModel.get_position_ids", int32_position_ids)
+    ctx.replace("ChatGLMPreTrainedModel.get_position_ids", int32_position_ids)
     if ctx.module_family == "chatglm3":
         ctx.replace("ChatGLMModel.get_prompt", int32_prompt)
 
 
 def patch(family: str, *, backends, modes=("infer", "train")) -> Patch:
-    replaces = ("ChatGLMModel.get_position_ids",) + (("ChatGLMModel.get_prompt",) if family == "chatglm3" else ())
+    replaces = ("ChatGLMPreTrainedModel.get_position_ids",) + (("ChatGLMModel.get_prompt",) if family == "chatglm3" else ())
     return Patch(
         "int32-positions", family=family, file="modeling", replaces=replaces,
         why="position ids and prefix ids in int32 (the device narrows 64-bit data silently)",

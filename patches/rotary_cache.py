@@ -8,9 +8,13 @@ from glmport.patching import Patch
 
 
 def apply(ctx) -> None:
+    import torch
+
     original = ctx.original("RotaryEmbedding.forward")
 
     def forward(self, max_seq_len, offset=0):
+        if torch.is_inference_mode_enabled():  # an inference tensor must not outlive inference mode
+            return original(self, max_seq_len, offset)
         key = (max_seq_len, offset, self.inv_freq.dtype, self.inv_freq.device)
         cached = self.__dict__.get("_glmport_rope")
         if cached is None or cached[0] != key:

@@ -61,6 +61,7 @@ def load_manifest() -> dict:
     return json.loads(text)
 
 
+@lru_cache(maxsize=1)
 def _fixture_hashes() -> dict[str, dict[str, tuple[str, str]]]:
     """{file_key: {sha256: (fixture revision, imitated upstream revision)}} for glmport's test modules."""
     from glmport.tiny.remote import FIXTURE_REVISIONS, fixture_files, imitated_revision

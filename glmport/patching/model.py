@@ -29,7 +29,6 @@ class Patch:
     backends: tuple[str, ...] | str = ALL_BACKENDS
     modes: tuple[str, ...] = MODES
     link: str = ""
-    optional_targets: tuple[str, ...] = ()  # replaced when present (revision differences)
     adds: tuple[str, ...] = ()  # attributes created where the file has none
 
     def applies_to(self, backend: str, mode: str) -> bool:

@@ -189,10 +189,13 @@ def _remote_class_refs(info) -> tuple[str, str, str | None]:
 
 def load_modules(info) -> tuple[dict[str, Any], tuple]:
     """Import the code the patches target. For remote folders: (modules, (config, model, tokenizer) classes)."""
+    before_import = capture_process_state()
     if info.kind == "native":
         import importlib
 
-        return {"transformers": importlib.import_module(NATIVE_MODULE)}, ()
+        module = importlib.import_module(NATIVE_MODULE)
+        module.__dict__.setdefault(STATE_ATTR, before_import)
+        return {"transformers": module}, ()
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     config_ref, model_ref, tokenizer_ref = _remote_class_refs(info)
@@ -205,6 +208,7 @@ def load_modules(info) -> tuple[dict[str, Any], tuple]:
     modules = {"configuration": sys.modules[config_cls.__module__], "modeling": sys.modules[model_cls.__module__]}
     if tokenizer_cls is not None:
         modules["tokenization"] = sys.modules[tokenizer_cls.__module__]
+    modules["modeling"].__dict__.setdefault(STATE_ATTR, before_import)  # kept from the first import on
     return modules, (config_cls, model_cls, tokenizer_cls)
 
 
@@ -250,12 +254,11 @@ def patch_session(info, backend, mode: str, *, allow_unverified: bool = False, r
         from glmport.plugins import get_plugin_manager
 
         registry = get_plugin_manager().patch_sets
-    state = capture_process_state()
     modules, classes = load_modules(info)
     # The remote module flips TorchScript flags when it is first imported; a later session in the same
     # process finds it cached, so the state from before that first import is kept on the module.
     first = modules.get("modeling") or next(iter(modules.values()))
-    state = first.__dict__.setdefault(STATE_ATTR, state)
+    state = first.__dict__[STATE_ATTR]
     for module in modules.values():
         owner = getattr(module, SESSION_ATTR, None)
         if owner is not None and owner.active:
