@@ -23,48 +23,31 @@ from patchkit import (
 
 A, S = "apply", "skip"
 
-# compat rows per upstream revision of the modeling file (a fixture imitates one of these)
+# compat rows per upstream revision of the modeling file (a fixture imitates one of these). The rows are
+# the same for every revision but for the checkpointing pair: the 2023-12 file still has the old
+# `_set_gradient_checkpointing(module, value)` hook, the 2024 files the no-op `gradient_checkpointing_enable`.
+SHARED_COMPAT = [
+    ("compat", "compat-config-use-cache", A),
+    ("compat", "compat-generation", A),
+    ("compat", "compat-model-init", A),
+    ("compat", "compat-init-missing-weights", A),
+    ("compat", "compat-tokenizer-pad", A),
+    ("compat", "compat-tokenizer-batch-encode-plus", A),
+]
+CHATGLM3_2024 = SHARED_COMPAT + [
+    ("compat", "compat-prefix-tokens", A),
+    ("compat", "compat-gradient-checkpointing", A),
+    ("compat", "compat-checkpointing-hook", S),
+]
 COMPAT = {
-    "chatglm3-6b-2023-12": [
-        ("compat", "compat-config-use-cache", A),
-        ("compat", "compat-generation", A),
-        ("compat", "compat-model-init", A),
-        ("compat", "compat-init-missing-weights", A),
-        ("compat", "compat-tokenizer-pad", A),
-        ("compat", "compat-tokenizer-batch-encode-plus", A),
+    "chatglm3-6b-2023-12": SHARED_COMPAT + [
         ("compat", "compat-prefix-tokens", A),
         ("compat", "compat-gradient-checkpointing", S),
         ("compat", "compat-checkpointing-hook", A),
     ],
-    "chatglm3-6b-2024-06": [
-        ("compat", "compat-config-use-cache", A),
-        ("compat", "compat-generation", A),
-        ("compat", "compat-model-init", A),
-        ("compat", "compat-init-missing-weights", A),
-        ("compat", "compat-tokenizer-pad", A),
-        ("compat", "compat-tokenizer-batch-encode-plus", A),
-        ("compat", "compat-prefix-tokens", A),
-        ("compat", "compat-gradient-checkpointing", A),
-        ("compat", "compat-checkpointing-hook", S),
-    ],
-    "chatglm3-6b-2024-08": [
-        ("compat", "compat-config-use-cache", A),
-        ("compat", "compat-generation", A),
-        ("compat", "compat-model-init", A),
-        ("compat", "compat-init-missing-weights", A),
-        ("compat", "compat-tokenizer-pad", A),
-        ("compat", "compat-tokenizer-batch-encode-plus", A),
-        ("compat", "compat-prefix-tokens", A),
-        ("compat", "compat-gradient-checkpointing", A),
-        ("compat", "compat-checkpointing-hook", S),
-    ],
-    "glm-4-9b-chat-2024-07": [
-        ("compat", "compat-config-use-cache", A),
-        ("compat", "compat-generation", A),
-        ("compat", "compat-model-init", A),
-        ("compat", "compat-init-missing-weights", A),
-        ("compat", "compat-tokenizer-pad", A),
-        ("compat", "compat-tokenizer-batch-encode-plus", A),
+    "chatglm3-6b-2024-06": CHATGLM3_2024,
+    "chatglm3-6b-2024-08": CHATGLM3_2024,
+    "glm-4-9b-chat-2024-07": SHARED_COMPAT + [
         ("compat", "compat-gradient-checkpointing", A),
         ("compat", "compat-cache-input", A),
     ],
