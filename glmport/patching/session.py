@@ -256,7 +256,7 @@ def patch_session(info, backend, mode: str, *, allow_unverified: bool = False, r
         registry = get_plugin_manager().patch_sets
     modules, classes = load_modules(info)
     # The remote module flips TorchScript flags when it is first imported; a later session in the same
-    # process finds it cached, so the state from before that first import is kept on the module.
+    # process finds it cached, so load_modules keeps the state from before that first import on the module.
     first = modules.get("modeling") or next(iter(modules.values()))
     state = first.__dict__[STATE_ATTR]
     for module in modules.values():
