@@ -10,14 +10,13 @@ only read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pprint
 import shutil
 from pathlib import Path
 
 from glmport.errors import PatchError
-from glmport.patching.manifest import REMOTE_FILES
+from glmport.patching.manifest import REMOTE_FILES, sha256_raw
 from glmport.patching.model import PatchContext
 from glmport.patching.recorder import PatchRecorder
 
@@ -74,7 +73,7 @@ def finish(namespace: dict, file_key: str, digest: str, state: dict, plan: dict)
 
     path = Path(namespace["__file__"])
     text = original_text(path.read_text(encoding="utf-8"))
-    if hashlib.sha256(text.encode("utf-8")).hexdigest() != digest:
+    if sha256_raw(text.encode("utf-8")) != digest:
         raise PatchError(f"{path}: the code changed since the overlay was made; run glmport patch materialize again")
     from glmport.plugins import get_plugin_manager
 
@@ -122,7 +121,7 @@ def materialize(plan, model_dir: Path, out_dir: Path) -> Path:
         target = staging / item.name
         if item.name in code_files:
             text = item.read_text(encoding="utf-8")
-            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            digest = sha256_raw(text.encode("utf-8"))
             target.write_text(_wrap(text, code_files[item.name], digest), encoding="utf-8")
         elif item.suffix == ".py":
             shutil.copyfile(item, target)
