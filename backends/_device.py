@@ -3,6 +3,7 @@ device question, and a CPU stand-in for it under emulation."""
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -27,6 +28,11 @@ class DeviceModuleBackend(Backend):
 
     def _module(self):  # must override
         raise NotImplementedError
+
+    def _hidden_by_mask(self) -> str:
+        """`` (VAR='...')`` when the visible-devices variable is set: the usual reason no device is seen."""
+        mask = os.environ.get(self.visible_devices_env)
+        return f" ({self.visible_devices_env}={mask!r})" if mask is not None else ""
 
     def device(self, local_rank: int = 0):
         import torch

@@ -41,8 +41,6 @@ class CudaBackend(DeviceModuleBackend):
     def availability(self) -> Availability:
         if self.emulated:
             return Availability(True, "emulated on the CPU (GLMPORT_EMULATE=cuda)", emulated=True)
-        import os
-
         import torch
 
         if torch.version.cuda is None:
@@ -51,9 +49,8 @@ class CudaBackend(DeviceModuleBackend):
         with patched_environ(PYTORCH_NVML_BASED_CUDA_CHECK="1"):
             ok = torch.cuda.is_available()
         if not ok:
-            mask = os.environ.get(self.visible_devices_env)
-            masked = f" (CUDA_VISIBLE_DEVICES={mask!r})" if mask is not None else ""
-            return Availability(False, f"no NVIDIA GPU is visible{masked}", "check the driver with nvidia-smi")
+            return Availability(False, f"no NVIDIA GPU is visible{self._hidden_by_mask()}",
+                                "check the driver with nvidia-smi")
         return Availability(True, f"{torch.cuda.device_count()} GPU(s), CUDA {torch.version.cuda}")
 
     def device_count(self) -> int:

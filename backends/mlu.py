@@ -11,7 +11,6 @@ fork. MLU kernels compute in 32 bits: batches are narrowed before they are moved
 from __future__ import annotations
 
 import importlib.util
-import os
 from contextlib import nullcontext
 
 from glmport.backends._device import DeviceModuleBackend
@@ -57,9 +56,7 @@ class MluBackend(DeviceModuleBackend):
         with patched_environ(PYTORCH_CNDEV_BASED_MLU_CHECK="1"):
             ok = torch.mlu.is_available()
         if not ok:
-            mask = os.environ.get(self.visible_devices_env)
-            masked = f" (MLU_VISIBLE_DEVICES={mask!r})" if mask is not None else ""
-            return Availability(False, f"torch_mlu is installed but no MLU is visible{masked}",
+            return Availability(False, f"torch_mlu is installed but no MLU is visible{self._hidden_by_mask()}",
                                 "check the driver with cnmon")
         return Availability(True, f"{torch.mlu.device_count()} MLU(s), torch_mlu {getattr(torch_mlu, '__version__', '?')}")
 
