@@ -1,5 +1,9 @@
 """What accelerator backends share: a torch device module (``torch.cuda``, ``torch.mlu``) behind every
-device question, and a CPU stand-in for it under emulation."""
+device question, and a CPU stand-in for it under emulation.
+
+Whether a backend object is emulated is fixed when it is made: ``emulation()`` returns a separate twin
+made with ``emulated=True`` and the emulator's settings, so no method re-reads ``GLMPORT_EMULATE``.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,22 @@ import os
 from contextlib import nullcontext
 from typing import Any
 
-from glmport.backends._emulation import emulated_names, reference_varlen_attention
+from glmport.backends._emulation import EmulationSettings, make_device_namespace, reference_varlen_attention
 from glmport.backends._memory import host_memory_stats, reset_host_peak
 
 from glmport.backend import Backend, MemoryStats, launched_distributed
 
 
 class DeviceModuleBackend(Backend):
-    """Subclasses provide :meth:`_module` (the device module, real or emulated) and availability."""
+    """Subclasses provide :meth:`_real_module` (the vendor's device module) and the real availability."""
 
-    @property
-    def emulated(self) -> bool:
-        return self.device_type in emulated_names()
+    def __init__(self, *, emulated: bool = False, settings: EmulationSettings | None = None) -> None:
+        self.emulated = emulated
+        self.settings = settings or EmulationSettings()
+        self._stand_in = None
+
+    def emulation(self, knobs) -> DeviceModuleBackend:
+        return type(self)(emulated=True, settings=EmulationSettings.from_environ(knobs))
 
     @property
     def deepspeed_accelerator(self) -> str:
@@ -26,8 +34,16 @@ class DeviceModuleBackend(Backend):
         # tensors live on the CPU, so it must use its CPU accelerator then.
         return "cpu" if self.emulated else self.device_type
 
-    def _module(self):  # must override
+    def _real_module(self):  # must override
         raise NotImplementedError
+
+    def _module(self):
+        """The device module: the vendor's, or this object's CPU-backed stand-in when emulated."""
+        if not self.emulated:
+            return self._real_module()
+        if self._stand_in is None:
+            self._stand_in = make_device_namespace(self.device_type, self.settings)
+        return self._stand_in
 
     def _hidden_by_mask(self) -> str:
         """`` (VAR='...')`` when the visible-devices variable is set: the usual reason no device is seen."""
@@ -96,6 +112,8 @@ class DeviceModuleBackend(Backend):
         return super().training_arguments()
 
     def environment(self) -> dict[str, str]:
-        if self.emulated:
-            return {"GLMPORT_EMULATE": self.device_type, "DS_ACCELERATOR": "cpu"}
+        if self.emulated:  # launched workers make the same emulated twin from these
+            return {"GLMPORT_EMULATE": self.device_type, "DS_ACCELERATOR": "cpu",
+                    "GLMPORT_EMULATE_DEVICE_COUNT": str(self.settings.device_count),
+                    "GLMPORT_EMULATE_BF16": "1" if self.settings.bf16 else "0"}
         return {}

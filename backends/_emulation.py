@@ -17,6 +17,11 @@ What is not: tensors stay on the CPU (``torch.device("mlu")`` is not made a vali
 Python device cannot hold a real model's storage), so placement reports ``cpu`` and the env report says
 "emulated". Knobs: ``GLMPORT_EMULATE_DEVICE_COUNT`` (default 1) and ``GLMPORT_EMULATE_BF16`` (default 1;
 0 emulates an MLU370, which has no bf16).
+
+When things happen: the environment is read once, when the plugin manager makes the emulated twin of a
+backend (:class:`EmulationSettings`). Probing and reporting change nothing in the process; the stand-in
+``torch_mlu`` is installed by :func:`installed_torch_mlu`, which the emulated backend's ``activate()``
+enters when a run starts and which undoes itself when the run ends.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import importlib.machinery
 import os
 import sys
 import types
+from dataclasses import dataclass
 
 EMULATED_VERSION = "0.0.0+glmport.emulated"
 
@@ -41,18 +47,22 @@ CPU_KERNELS_NEEDING_INT64 = frozenset(
 )
 
 
-def emulated_names(environ=None) -> set[str]:
-    """Device types named in ``GLMPORT_EMULATE`` (comma separated)."""
-    raw = (environ if environ is not None else os.environ).get("GLMPORT_EMULATE", "")
-    return {part.strip().lower() for part in raw.split(",") if part.strip()}
+@dataclass(frozen=True)
+class EmulationSettings:
+    """The emulator's knobs, read from the environment once, when an emulated backend is made."""
 
+    device_count: int = 1
+    bf16: bool = True
 
-def _emulated_count() -> int:
-    raw = os.environ.get("GLMPORT_EMULATE_DEVICE_COUNT", "1")
-    try:
-        return max(int(raw), 1)
-    except ValueError:
-        return 1
+    @classmethod
+    def from_environ(cls, environ=None) -> EmulationSettings:
+        env = environ if environ is not None else os.environ
+        try:
+            count = max(int(env.get("GLMPORT_EMULATE_DEVICE_COUNT", "1")), 1)
+        except ValueError:
+            count = 1
+        bf16 = env.get("GLMPORT_EMULATE_BF16", "1").strip().lower() not in {"0", "false", "no", "off"}
+        return cls(count, bf16)
 
 
 def _total_memory() -> int:
@@ -88,14 +98,14 @@ def _reset_rss_peak() -> None:
         pass
 
 
-def make_device_namespace(device_type: str, *, bf16: bool = True) -> types.ModuleType:
+def make_device_namespace(device_type: str, settings: EmulationSettings) -> types.ModuleType:
     """A module with the ``torch.cuda``/``torch.mlu`` API subset glmport, transformers and accelerate use,
     backed by the CPU."""
     import torch
 
     ns = types.ModuleType(f"torch.{device_type}")
     state = {"current": 0}
-    count = _emulated_count()
+    count, bf16 = settings.device_count, settings.bf16
 
     def is_available() -> bool:
         return True
@@ -186,15 +196,7 @@ def make_device_namespace(device_type: str, *, bf16: bool = True) -> types.Modul
     return ns
 
 
-def install_fake_torch_mlu() -> types.ModuleType:
-    """Put a fake ``torch_mlu`` in ``sys.modules`` and ``torch.mlu`` on torch. Idempotent."""
-    import torch
-
-    existing = sys.modules.get("torch_mlu")
-    if existing is not None:
-        return existing
-    bf16 = os.environ.get("GLMPORT_EMULATE_BF16", "1").strip().lower() not in {"0", "false", "no", "off"}
-    namespace = make_device_namespace("mlu", bf16=bf16)
+def _fake_torch_mlu(namespace: types.ModuleType) -> types.ModuleType:
     module = types.ModuleType("torch_mlu")
     # A real spec: importlib.util.find_spec (used by transformers and accelerate) raises on a module
     # in sys.modules whose __spec__ is None.
@@ -202,20 +204,48 @@ def install_fake_torch_mlu() -> types.ModuleType:
     module.__version__ = EMULATED_VERSION
     module.mlu = namespace
     module._glmport_emulated = True
-    sys.modules["torch_mlu"] = module
-    torch.mlu = namespace
     return module
 
 
-def remove_emulation() -> None:
-    """Undo :func:`install_fake_torch_mlu` (tests): drop the fake module and the namespace it added."""
+# Libraries that remember "is there an MLU" (functools caches): asked again whenever the stand-in comes or goes,
+# so that they neither miss it during a run nor look for torch.mlu after it is gone.
+DEVICE_PROBES = (("accelerate.utils.imports", ("is_mlu_available", "is_cuda_available")),
+                 ("transformers.utils.import_utils", ("is_torch_mlu_available",)))
+
+
+def forget_device_probes() -> None:
+    for module_name, names in DEVICE_PROBES:
+        module = sys.modules.get(module_name)
+        for name in names:
+            clear = getattr(getattr(module, name, None), "cache_clear", None)
+            if clear is not None:
+                clear()
+
+
+@contextlib.contextmanager
+def installed_torch_mlu(namespace: types.ModuleType):
+    """Put a stand-in ``torch_mlu`` in ``sys.modules`` and ``namespace`` at ``torch.mlu`` for the block.
+
+    Nested or repeated activations reuse what is there; only the activation that installed the stand-in
+    removes it. A real ``torch_mlu`` is never replaced.
+    """
     import torch
 
-    module = sys.modules.get("torch_mlu")
-    if module is not None and getattr(module, "_glmport_emulated", False):
-        del sys.modules["torch_mlu"]
-        if getattr(getattr(torch, "mlu", None), "_glmport_emulated", False):
+    if "torch_mlu" in sys.modules:
+        yield sys.modules["torch_mlu"]
+        return
+    module = _fake_torch_mlu(namespace)
+    sys.modules["torch_mlu"] = module
+    torch.mlu = namespace
+    forget_device_probes()
+    try:
+        yield module
+    finally:
+        if sys.modules.get("torch_mlu") is module:
+            del sys.modules["torch_mlu"]
+        if getattr(torch, "mlu", None) is namespace:
             del torch.mlu
+        forget_device_probes()
 
 
 def _make_int32_kernel_mode():

@@ -25,6 +25,13 @@ class CpuBackend(Backend):
     def device_count(self) -> int:
         return 1
 
+    def device(self, local_rank: int = 0):
+        """Plain ``cpu``: the host has no device index, and loaders (safetensors among them) reject
+        ``cpu:0``."""
+        import torch
+
+        return torch.device("cpu")
+
     def memory_stats(self) -> MemoryStats:
         return host_memory_stats()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from glmport.backends._device import DeviceModuleBackend
-from glmport.backends._emulation import make_device_namespace
 from glmport.backends._env import patched_environ
 
 from glmport.backend import Availability
@@ -24,23 +23,16 @@ class CudaBackend(DeviceModuleBackend):
     collective_backend = "nccl"
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
     deepspeed_min_version = "0.9.0"
+    torchscript = True
 
-    def __init__(self) -> None:
-        self._fake = None
-
-    def _module(self):
-        """``torch.cuda``, or the CPU-backed stand-in under ``GLMPORT_EMULATE=cuda``."""
-        if self.emulated:
-            if self._fake is None:
-                self._fake = make_device_namespace("cuda")
-            return self._fake
+    def _real_module(self):
         import torch
 
         return torch.cuda
 
     def availability(self) -> Availability:
         if self.emulated:
-            return Availability(True, "emulated on the CPU (GLMPORT_EMULATE=cuda)", emulated=True)
+            return Availability(True, "emulated on the CPU (GLMPORT_EMULATE=cuda)")
         import torch
 
         if torch.version.cuda is None:

@@ -5,7 +5,8 @@ torch_mlu is imported lazily, inside this module only. Availability is probed wi
 fork. MLU kernels compute in 32 bits: batches are narrowed before they are moved (see
 :class:`~glmport.backend.SixtyFourBitPolicy`).
 
-``GLMPORT_EMULATE=mlu`` installs a CPU-backed stand-in for torch_mlu (see ``_emulation.py``).
+``GLMPORT_EMULATE=mlu`` makes an emulated twin whose ``activate()`` installs a CPU-backed stand-in for
+torch_mlu while a run uses it (see ``_emulation.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib.util
 from contextlib import nullcontext
 
 from glmport.backends._device import DeviceModuleBackend
-from glmport.backends._emulation import install_fake_torch_mlu, int32_kernel_emulation
+from glmport.backends._emulation import installed_torch_mlu, int32_kernel_emulation
 from glmport.backends._env import patched_environ
 
 from glmport.backend import Availability, SixtyFourBitPolicy
@@ -40,11 +41,8 @@ class MluBackend(DeviceModuleBackend):
 
     def availability(self) -> Availability:
         if self.emulated:
-            install_fake_torch_mlu()
             return Availability(
-                True, "emulated on the CPU (GLMPORT_EMULATE=mlu): tensors stay on the CPU, 64-bit guard on",
-                emulated=True,
-            )
+                True, "emulated on the CPU (GLMPORT_EMULATE=mlu): tensors stay on the CPU, 64-bit guard on")
         if importlib.util.find_spec("torch_mlu") is None:
             return Availability(False, "torch_mlu is not installed", MLU_INSTALL_HINT)
         try:
@@ -60,14 +58,14 @@ class MluBackend(DeviceModuleBackend):
                                 "check the driver with cnmon")
         return Availability(True, f"{torch.mlu.device_count()} MLU(s), torch_mlu {getattr(torch_mlu, '__version__', '?')}")
 
-    def _module(self):
+    def _real_module(self):
         import torch
+        import torch_mlu  # noqa: F401  (installs torch.mlu)
 
-        if self.emulated:
-            install_fake_torch_mlu()
-        else:
-            import torch_mlu  # noqa: F401
         return torch.mlu
+
+    def activate(self):
+        return installed_torch_mlu(self._module()) if self.emulated else nullcontext()
 
     def device_count(self) -> int:
         if not self.emulated and importlib.util.find_spec("torch_mlu") is None:

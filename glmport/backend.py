@@ -11,13 +11,14 @@ fast, and detection must not initialize a device.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from glmport.deepspeed_info import DeepSpeedInfo, detect_deepspeed
 from glmport.errors import BackendUnavailable, PluginError
+from glmport.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -30,7 +31,6 @@ class Availability:
     available: bool
     reason: str
     install_hint: str = ""
-    emulated: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,11 @@ class Backend:
         deepspeed_accelerator: the ``DS_ACCELERATOR`` value for this device.
         deepspeed_distributions: distribution names that provide DeepSpeed for this device, in order of
             preference (a vendor fork installs the import package ``deepspeed`` under another name).
+        torchscript: whether the device runs TorchScript's fusers (the remote code's ``@torch.jit.script``
+            and fuser flags). Only CUDA does; patch sets turn TorchScript off everywhere else.
+        emulated: fixed when the object is made. An emulated backend is a separate object, made by
+            :meth:`emulation` when ``GLMPORT_EMULATE`` (or ``glmport.emulate``) names it; nothing re-reads
+            the environment afterwards.
     """
 
     name: str = ""
@@ -87,6 +92,21 @@ class Backend:
     deepspeed_accelerator: str = "cpu"
     deepspeed_distributions: tuple[str, ...] = ("deepspeed",)
     deepspeed_min_version: str = "0.15.2"
+    torchscript: bool = False
+    emulated: bool = False
+
+    # --- emulation ---------------------------------------------------------------------------------
+    def emulation(self, knobs: Mapping[str, str]) -> Backend | None:
+        """A twin of this backend that runs on the host CPU (see ``backends/_emulation.py``), or ``None``
+        when this backend cannot be emulated. ``knobs`` are the ``GLMPORT_EMULATE_*`` settings, read from
+        the environment when the plugin manager was made. Making the twin must have no side effects."""
+        return None
+
+    def activate(self) -> AbstractContextManager:
+        """Process-wide setup this backend needs while a run uses it, undone on exit. Entered when
+        training or inference starts, never by detection or reporting. Emulated MLU installs its stand-in
+        device module here so that transformers and accelerate take their MLU code paths."""
+        return nullcontext()
 
     # --- detection (must not initialize the device) ----------------------------------------------
     def availability(self) -> Availability:  # must override
@@ -213,7 +233,7 @@ class Backend:
             "name": self.name,
             "description": self.description,
             "available": status.available,
-            "emulated": status.emulated,
+            "emulated": self.emulated,
             "reason": status.reason,
             "install_hint": status.install_hint,
             "device_type": self.device_type,
@@ -226,64 +246,75 @@ class Backend:
         }
 
 
-class BackendRegistry:
-    """Backends by name, filled through ``glmport_register_backends``."""
+class BackendRegistry(Registry[Backend]):
+    """Backends by name, filled through ``glmport_register_backends``; iterated in the auto chain's order."""
 
-    def __init__(self) -> None:
-        self._backends: dict[str, Backend] = {}
-        self._origin: dict[str, str] = {}
-        self._current_plugin = "<direct>"
+    kind = "backend"
+    item_type = Backend
+    emulation_knobs: dict[str, str] = {}  # replaced, never mutated
 
-    def add(self, backend: Backend) -> None:
-        if not isinstance(backend, Backend):
-            raise PluginError(
-                f"plugin {self._current_plugin!r} registered {backend!r}, which is not a glmport.backend.Backend"
-            )
-        if not backend.name:
-            raise PluginError(f"plugin {self._current_plugin!r} registered a backend without a name")
-        if backend.name in self._backends:
-            raise PluginError(
-                f"backend {backend.name!r} is registered twice: by {self._origin[backend.name]!r} and by "
-                f"{self._current_plugin!r}. Disable one of them with `-p no:PLUGIN`."
-            )
-        self._backends[backend.name] = backend
-        self._origin[backend.name] = self._current_plugin
-
-    def origin(self, name: str) -> str:
-        return self._origin[name]
-
-    def names(self) -> list[str]:
-        return [b.name for b in self.auto_chain()]
-
-    def get(self, name: str) -> Backend | None:
-        return self._backends.get(name)
+    def ordered(self) -> list[Backend]:
+        return self.auto_chain()
 
     def auto_chain(self) -> list[Backend]:
         """Backends in the order ``--backend auto`` tries them: priority high to low, then name."""
-        return sorted(self._backends.values(), key=lambda b: (-b.auto_priority, b.name))
+        return sorted(self._items.values(), key=lambda b: (-b.auto_priority, b.name))
 
-    def __iter__(self) -> Iterator[Backend]:
-        return iter(self.auto_chain())
+    def emulate(self, names, knobs: Mapping[str, str] | None = None) -> None:
+        """Replace each named backend by its emulated twin (``GLMPORT_EMULATE=mlu``, ``glmport.emulate``)."""
+        if knobs is not None:
+            self.emulation_knobs = dict(knobs)
+        for name in names:
+            backend = self.get(name)
+            if backend is None:
+                raise PluginError(f"GLMPORT_EMULATE={name}: no backend {name!r} is registered; "
+                                  f"known backends: {', '.join(self.names())}")
+            if backend.emulated:
+                continue
+            twin = backend.emulation(self.emulation_knobs)
+            if twin is None:
+                raise PluginError(f"GLMPORT_EMULATE={name}: backend {name!r} cannot be emulated")
+            self.replace(name, twin)
 
-    def __len__(self) -> int:
-        return len(self._backends)
+    def with_emulation(self, names) -> BackendRegistry:
+        """A copy of this registry with ``names`` emulated (this one is left as it is)."""
+        copy = BackendRegistry()
+        copy._items, copy._origin = dict(self._items), dict(self._origin)
+        copy.emulate(names, self.emulation_knobs)
+        return copy
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The chosen backend and how it was chosen (for ``glmport env`` and the run summary)."""
+    """The chosen backend, how it was chosen, and what its availability check said (for ``glmport env``
+    and the run summary: asked once, never again)."""
 
     backend: Backend
     how: str
+    availability: Availability
 
 
-def select_backend(registry: BackendRegistry, requested: str | None, *, flag: str = "--backend") -> Selection:
+def emulation_knobs(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``GLMPORT_EMULATE_*`` settings of the environment (device count, bf16, ...)."""
+    env = environ if environ is not None else os.environ
+    return {key: value for key, value in env.items() if key.startswith("GLMPORT_EMULATE_")}
+
+
+def parse_emulate(value: str | None) -> tuple[str, ...]:
+    """Backend names from a ``GLMPORT_EMULATE`` / ``glmport.emulate`` value (comma separated)."""
+    return tuple(part.strip().lower() for part in (value or "").split(",") if part.strip())
+
+
+def select_backend(registry: BackendRegistry, requested: str | None, *, flag: str = "--backend",
+                   emulate: tuple[str, ...] = ()) -> Selection:
     """Resolve ``requested`` (``None``/``auto`` or a backend name) to an available backend.
 
     ``auto`` walks :meth:`BackendRegistry.auto_chain` and takes the first available backend. A named
     backend that is not available is an error that says why and what to install: there is no silent
-    fallback to another device.
+    fallback to another device. ``emulate`` names backends to use emulated for this selection only.
     """
+    if emulate:
+        registry = registry.with_emulation(emulate)
     env_choice = os.environ.get("GLMPORT_BACKEND")
     if requested in (None, "", "auto") and env_choice and env_choice != "auto":
         requested, flag = env_choice, "GLMPORT_BACKEND"
@@ -295,7 +326,7 @@ def select_backend(registry: BackendRegistry, requested: str | None, *, flag: st
                 how = "auto: first available of " + " > ".join(registry.names())
                 if skipped:
                     how += " (" + "; ".join(skipped) + ")"
-                return Selection(backend, how)
+                return Selection(backend, how, status)
             skipped.append(f"{backend.name}: {status.reason}")
         raise BackendUnavailable("no backend is available:\n  " + "\n  ".join(skipped))
 
@@ -309,7 +340,7 @@ def select_backend(registry: BackendRegistry, requested: str | None, *, flag: st
     if not status.available:
         hint = f"\n    -> {status.install_hint}" if status.install_hint else ""
         raise BackendUnavailable(f"{flag} {requested}: backend {requested!r} is not available: {status.reason}{hint}")
-    return Selection(backend, f"requested with {flag}")
+    return Selection(backend, f"requested with {flag}", status)
 
 
 def launched_distributed(environ: Mapping[str, str] | None = None) -> bool:

@@ -29,7 +29,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from glmport.backend import Backend, BackendRegistry
     from glmport.patching.registry import PatchRegistry
-    from glmport.train.run import TrainingRun
+    from glmport.train.state import TrainingRun
 
 PROJECT = "glmport"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -78,7 +78,7 @@ def glmport_env_report(backend: Backend | None) -> dict[str, Any] | None:
 def glmport_trainer_callbacks(run: TrainingRun) -> list[Any] | None:
     """Return ``transformers.TrainerCallback`` instances to add to the trainer of ``run``.
 
-    Called after the model, data and training arguments are resolved and before the trainer is built.
+    Called once the trainer is built (model, data and training arguments resolved), before training starts.
     """
 
 

@@ -26,8 +26,9 @@ from typing import Any
 import pluggy
 
 from glmport import hookspecs
-from glmport.backend import Backend, BackendRegistry, env_flag
+from glmport.backend import Backend, BackendRegistry, emulation_knobs, env_flag, parse_emulate
 from glmport.errors import PluginError
+from glmport.patching.registry import PatchRegistry
 
 ENTRY_POINT_GROUP = "glmport"
 
@@ -66,18 +67,27 @@ def _parse_disabled(values: list[str] | tuple[str, ...]) -> set[str]:
     return names
 
 
-class PluginManager:
-    """pluggy's manager plus glmport's registries and error reporting."""
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager with glmport's loading rules, its registries and error reporting.
 
-    def __init__(self, disabled=(), load=(), autoload: bool | None = None):
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
-        self.pm.parse_hookimpl_opts = self._parse_hookimpl_opts  # type: ignore[method-assign]
+    Made once per process by the CLI (or by a Python caller) and handed down explicitly, as pytest hands
+    down ``config.pluginmanager``: training, patching, the overlay loader and the testing kit use the
+    manager they are given, never a process-wide one.
+
+    ``emulate`` names backends to replace by their emulated twins; ``None`` reads ``GLMPORT_EMULATE``,
+    here and only here.
+    """
+
+    def __init__(self, disabled=(), load=(), autoload: bool | None = None, emulate=None):
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.disabled = _parse_disabled(list(disabled))
         self.autoload = (not env_flag("GLMPORT_DISABLE_PLUGIN_AUTOLOAD")) if autoload is None else autoload
+        self.emulate = parse_emulate(os.environ.get("GLMPORT_EMULATE")) if emulate is None else tuple(emulate)
+        self.emulation_knobs = emulation_knobs()
         for name in self.disabled:
-            self.pm.set_blocked(name)
+            self.set_blocked(name)
 
         for name, module in BUILTIN_PLUGINS.items():
             if name not in self.disabled:
@@ -87,14 +97,14 @@ class PluginManager:
         for module in load:
             if module not in self.disabled:
                 self._register_module(module, module, "-p")
-        self._check_pending()
+        self.check_pending()
         self._backends: BackendRegistry | None = None
-        self._patch_sets = None
+        self._patch_sets: PatchRegistry | None = None
 
     # pluggy only treats functions carrying our marker as hooks; a helper named glmport_* without the
     # marker would be ignored silently, so treat every glmport_* callable as a hook implementation.
-    def _parse_hookimpl_opts(self, plugin, name: str):
-        opts = pluggy.PluginManager.parse_hookimpl_opts(self.pm, plugin, name)
+    def parse_hookimpl_opts(self, plugin, name: str):
+        opts = super().parse_hookimpl_opts(plugin, name)
         if opts is None and name.startswith("glmport_") and callable(getattr(plugin, name, None)):
             opts = {}
         return opts
@@ -107,20 +117,31 @@ class PluginManager:
                 f"plugin {name!r} ({origin}) failed to import {module_name!r}: {type(exc).__name__}: {exc}\n"
                 f"    -> fix or uninstall it, or disable it with `-p no:{name}` / GLMPORT_DISABLE_PLUGINS={name}"
             ) from exc
-        self._register(name, module, origin, module_name, dist)
+        self.add_plugin(name, module, origin, module_name, dist)
 
-    def _register(self, name: str, plugin, origin: str, module_name: str, dist=None) -> None:
+    def add_plugin(self, name: str, plugin, origin: str = "direct", module_name: str | None = None, dist=None) -> None:
+        """Register ``plugin`` (a module or object with ``glmport_*`` hooks) under ``name``.
+
+        For Python callers and tests; must happen before ``backends`` / ``patch_sets`` are first read."""
+        if self._registries_built():
+            raise PluginError(f"plugin {name!r} registered after the registries were built: register plugins "
+                              "before the first use of manager.backends / manager.patch_sets")
         try:
-            self.pm.register(plugin, name=name)
+            self.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {name!r} ({origin}) is invalid: {exc}") from exc
         except ValueError as exc:  # name already registered
             raise PluginError(f"plugin name {name!r} ({origin}) is already taken: {exc}") from exc
         hooks = sorted(n for n in dir(plugin) if n.startswith("glmport_") and callable(getattr(plugin, n)))
         self.info[name] = PluginInfo(
-            name, origin, module_name,
+            name, origin, module_name or getattr(plugin, "__name__", type(plugin).__name__),
             dist.metadata["name"] if dist else None, dist.version if dist else None, hooks,
         )
+        if origin == "direct":
+            self.check_pending()
+
+    def _registries_built(self) -> bool:
+        return getattr(self, "_backends", None) is not None or getattr(self, "_patch_sets", None) is not None
 
     def _load_entry_points(self) -> None:
         for dist in metadata.distributions():
@@ -135,11 +156,12 @@ class PluginManager:
                         f"load ({ep.value}): {type(exc).__name__}: {exc}\n"
                         f"    -> disable it with `-p no:{ep.name}` or GLMPORT_DISABLE_PLUGINS={ep.name}"
                     ) from exc
-                self._register(ep.name, plugin, "entry point", ep.value, dist)
+                self.add_plugin(ep.name, plugin, "entry point", ep.value, dist)
 
-    def _check_pending(self) -> None:
+    def check_pending(self) -> None:
+        """A ``glmport_*`` implementation that matches no spec is an error naming the closest hook."""
         known = _hook_names()
-        for name, caller in self.pm.hook.__dict__.items():
+        for name, caller in self.hook.__dict__.items():
             if not name.startswith("glmport_") or caller.spec is not None:
                 continue
             for impl in caller.get_hookimpls():
@@ -151,64 +173,42 @@ class PluginManager:
                 )
 
     # --- registries ----------------------------------------------------------------------------------
-    def _call_each(self, hook_name: str, on_each, **kwargs) -> list[tuple[str, Any]]:
+    def _call_each(self, hook_name: str, on_each=None, **kwargs) -> list[tuple[str, Any]]:
         """Call every implementation of a hook separately so results are attributed to their plugin."""
         results = []
-        caller = getattr(self.pm.hook, hook_name)
+        caller = getattr(self.hook, hook_name)
         for impl in caller.get_hookimpls():  # registration order: builtins first
-            if on_each:
-                on_each(impl.plugin_name)
             args = {k: v for k, v in kwargs.items() if k in impl.argnames}
-            results.append((impl.plugin_name, impl.function(**args)))
+            if on_each is None:
+                results.append((impl.plugin_name, impl.function(**args)))
+            else:
+                with on_each(impl.plugin_name):
+                    results.append((impl.plugin_name, impl.function(**args)))
         return results
 
     def _fill(self, hook_name: str, registry):
         """Call a registration hook plugin by plugin, so the registry knows who added what."""
-
-        def attribute(plugin_name: str) -> None:
-            registry._current_plugin = plugin_name
-
-        self._call_each(hook_name, attribute, registry=registry)
+        self._call_each(hook_name, registry.attributed_to, registry=registry)
         return registry
 
     @property
     def backends(self) -> BackendRegistry:
+        """Every registered backend, with the ones named by ``emulate`` replaced by their emulated twins."""
         if self._backends is None:
-            self._backends = self._fill("glmport_register_backends", BackendRegistry())
+            registry = self._fill("glmport_register_backends", BackendRegistry())
+            registry.emulate(self.emulate, self.emulation_knobs)
+            self._backends = registry
         return self._backends
 
     @property
-    def patch_sets(self):
+    def patch_sets(self) -> PatchRegistry:
         if self._patch_sets is None:
-            from glmport.patching.registry import PatchRegistry
-
             self._patch_sets = self._fill("glmport_register_patch_sets", PatchRegistry())
         return self._patch_sets
 
     def env_reports(self, backend: Backend | None) -> dict[str, dict[str, Any]]:
         reports = {}
-        for plugin_name, result in self._call_each("glmport_env_report", None, backend=backend):
+        for plugin_name, result in self._call_each("glmport_env_report", backend=backend):
             if result:
                 reports[plugin_name] = dict(result)
         return reports
-
-    @property
-    def hook(self):
-        return self.pm.hook
-
-
-_current: PluginManager | None = None
-
-
-def get_plugin_manager() -> PluginManager:
-    """The process-wide plugin manager (built from the environment on first use)."""
-    global _current
-    if _current is None:
-        _current = PluginManager()
-    return _current
-
-
-def set_plugin_manager(manager: PluginManager | None) -> None:
-    """Install ``manager`` as the process-wide one (the CLI does this after parsing ``-p``)."""
-    global _current
-    _current = manager

@@ -1,17 +1,17 @@
 """Builtin patch sets (installed as ``glmport.patches``), registered through the same hook a plugin uses.
 
-| set | backends | modes | what |
+Sets are chosen by what the backend can do (:mod:`glmport.patching.capabilities`), not by its name, so a
+backend from a plugin gets the patches its capabilities call for:
+
+| set | requires | modes | what |
 |---|---|---|---|
-| ``compat`` | all | infer, train | the remote code on transformers 5 (config, generation, checkpointing, init, tokenizer) |
-| ``cpu`` | cpu | infer, train | no TorchScript |
-| ``mlu-infer`` | mlu | infer | no TorchScript, int32 positions, attention without boolean ``tril_`` |
-| ``mlu-train`` | mlu | train | the above with the variable-length attention path, rotary cache, label-row loss |
-| ``cuda-infer`` | cuda | infer | attention without dense masks when flash-attn is installed, rotary cache |
-| ``cuda-train`` | cuda | train | the above plus the label-row loss |
-| ``native-mlu`` | mlu | infer, train | transformers' GLM classes: 32-bit masks and positions |
+| ``compat`` | — (every backend) | infer, train | the remote code on transformers 5 (config, generation, checkpointing, init, tokenizer) |
+| ``no-torchscript`` | ``no-torchscript`` (cpu, mlu) | infer, train | TorchScript fuser flags restored, RoPE without ``@torch.jit.script`` |
+| ``int32`` | ``lacks-64bit`` (mlu) | infer, train | int32 positions and prefix ids; for native GLM classes int32 masks and positions |
+| ``accelerator`` | ``accelerator`` (cuda, mlu) | infer, train | attention without dense masks or boolean ``tril_`` (the variable-length kernel when the backend has one, SDPA otherwise), rotary table once; in training the label-row loss |
 
 Each patch lives in a module of this package that says which upstream construct it replaces and why.
-Sets for other devices are plugins' business, through the same hook.
+Vendor-specific sets (a backend name in ``Patch.backends``) are plugins' business, through the same hook.
 """
 
 from __future__ import annotations
@@ -37,33 +37,19 @@ def builtin_patch_sets() -> list[PatchSet]:
     def per_family(make) -> list:
         return [patch for family in FAMILIES for patch in make(family)]
 
-    mlu, cuda = ("mlu",), ("cuda",)
+    lacks_64bit, no_torchscript, accelerator = ("lacks-64bit",), ("no-torchscript",), ("accelerator",)
     return [
         PatchSet("compat", "remote code on transformers 5.x", per_family(compat.patches)),
-        PatchSet("cpu", "CPU: no TorchScript", per_family(lambda f: [torchscript.patch(f, backends=("cpu",))])),
-        PatchSet("mlu-infer", "Cambricon MLU, inference", per_family(lambda f: [
-            torchscript.patch(f, backends=mlu, modes=("infer",)),
-            int32.patch(f, backends=mlu, modes=("infer",)),
-            attention.patch(f, backends=mlu, modes=("infer",), varlen=False),
+        PatchSet("no-torchscript", "devices without TorchScript fusers",
+                 per_family(lambda f: [torchscript.patch(f, requires=no_torchscript)])),
+        PatchSet("int32", "devices without 64-bit kernels", per_family(lambda f: [
+            int32.patch(f, requires=lacks_64bit),
+        ]) + [native_mask32.patch(requires=lacks_64bit), native_positions32.patch(requires=lacks_64bit)]),
+        PatchSet("accelerator", "accelerators: attention, rotary table, training loss", per_family(lambda f: [
+            attention.patch(f, requires=accelerator),
+            rotary_cache.patch(f, requires=accelerator),
+            train_loss.patch(f, requires=accelerator),
         ])),
-        PatchSet("mlu-train", "Cambricon MLU, training", per_family(lambda f: [
-            torchscript.patch(f, backends=mlu, modes=("train",)),
-            int32.patch(f, backends=mlu, modes=("train",)),
-            attention.patch(f, backends=mlu, modes=("train",), varlen=True),
-            rotary_cache.patch(f, backends=mlu, modes=("train",)),
-            train_loss.patch(f, backends=mlu),
-        ])),
-        PatchSet("cuda-infer", "NVIDIA CUDA, inference", per_family(lambda f: [
-            attention.patch(f, backends=cuda, modes=("infer",), varlen=True),
-            rotary_cache.patch(f, backends=cuda, modes=("infer",)),
-        ])),
-        PatchSet("cuda-train", "NVIDIA CUDA, training", per_family(lambda f: [
-            attention.patch(f, backends=cuda, modes=("train",), varlen=True),
-            rotary_cache.patch(f, backends=cuda, modes=("train",)),
-            train_loss.patch(f, backends=cuda),
-        ])),
-        PatchSet("native-mlu", "transformers' GLM classes on Cambricon MLU",
-                 [native_mask32.PATCH, native_positions32.PATCH]),
     ]
 
 

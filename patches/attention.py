@@ -88,25 +88,20 @@ def _padding_instead_of_dense_mask(ctx) -> None:
     ctx.replace("ChatGLMModel.get_masks", get_masks)
 
 
-def make_apply(use_varlen: bool):
-    def apply(ctx) -> None:
-        kernel = ctx.backend.varlen_attention() if use_varlen else None
-        forward = make_attention_forward(ctx.module_family == "chatglm3", kernel)
-        for name in ATTENTION_CLASSES[ctx.module_family]:
-            ctx.replace(f"{name}.forward", forward)
-        if kernel is not None:
-            _padding_instead_of_dense_mask(ctx)
-
-    return apply
+def apply(ctx) -> None:
+    kernel = ctx.backend.varlen_attention()
+    forward = make_attention_forward(ctx.module_family == "chatglm3", kernel)
+    for name in ATTENTION_CLASSES[ctx.module_family]:
+        ctx.replace(f"{name}.forward", forward)
+    if kernel is not None:
+        _padding_instead_of_dense_mask(ctx)
 
 
-def patch(family: str, *, backends, modes, varlen: bool) -> Patch:
-    replaces = tuple(f"{name}.forward" for name in ATTENTION_CLASSES[family])
-    optional = ("ChatGLMModel.get_masks",) if varlen else ()
-    what = "variable-length kernel when the device has one, else SDPA" if varlen else "SDPA"
+def patch(family: str, *, requires, modes=("infer", "train")) -> Patch:
+    replaces = tuple(f"{name}.forward" for name in ATTENTION_CLASSES[family]) + ("ChatGLMModel.get_masks",)
     return Patch(
-        "attention-varlen" if varlen else "attention-sdpa", family=family, file="modeling",
-        replaces=replaces + optional,
-        why=f"attention via {what}; no boolean tril_, padding respected, causal flag right",
-        apply=make_apply(varlen), backends=backends, modes=modes,
+        "attention-varlen", family=family, file="modeling", replaces=replaces,
+        why="attention via the variable-length kernel when the device has one, else SDPA; no boolean tril_, "
+            "padding respected, causal flag right",
+        apply=apply, requires=requires, modes=modes,
     )

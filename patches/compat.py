@@ -54,7 +54,7 @@ def legacy_cache_generation(ctx) -> None:
         return model_kwargs
 
     ctx.replace("ChatGLMForConditionalGeneration._update_model_kwargs_for_generation", update_model_kwargs)
-    ctx.recorder.setattr(cls, "_supports_default_dynamic_cache", classmethod(lambda klass: False), must_exist=False)
+    ctx.add("ChatGLMForConditionalGeneration._supports_default_dynamic_cache", classmethod(lambda klass: False))
     if not issubclass(cls, GenerationMixin):
         old_bases = cls.__bases__
         cls.__bases__ = (*old_bases, GenerationMixin)
@@ -188,7 +188,7 @@ def tokenizer_batch_encode_plus(ctx) -> None:
     def batch_encode_plus(self, batch_text_or_text_pairs, **kwargs):
         return self(batch_text_or_text_pairs, **kwargs)
 
-    ctx.recorder.setattr(cls, "batch_encode_plus", batch_encode_plus, must_exist=False)
+    ctx.add(f"{TOKENIZER_CLASS[ctx.module_family]}.batch_encode_plus", batch_encode_plus)
 
 
 def patches(family: str) -> list[Patch]:

@@ -35,10 +35,10 @@ def apply(ctx) -> None:
         ctx.replace("ChatGLMModel.get_prompt", int32_prompt)
 
 
-def patch(family: str, *, backends, modes=("infer", "train")) -> Patch:
+def patch(family: str, *, requires, modes=("infer", "train")) -> Patch:
     replaces = ("ChatGLMPreTrainedModel.get_position_ids",) + (("ChatGLMModel.get_prompt",) if family == "chatglm3" else ())
     return Patch(
         "int32-positions", family=family, file="modeling", replaces=replaces,
         why="position ids and prefix ids in int32 (the device narrows 64-bit data silently)",
-        apply=apply, backends=backends, modes=modes,
+        apply=apply, requires=requires, modes=modes,
     )

@@ -41,12 +41,13 @@ def apply(ctx) -> None:
     ctx.replace("create_causal_mask", mask32)
 
 
-PATCH = Patch(
-    id="native-mask32",
-    family="glm-native",
-    file="transformers",
-    replaces=("create_causal_mask",),
-    why="transformers' mask builder indexes with int64 aranges; build the causal/padding mask from int32 positions",
-    apply=apply,
-    backends=("mlu",),
-)
+def patch(*, requires) -> Patch:
+    return Patch(
+        id="native-mask32",
+        family="glm-native",
+        file="transformers",
+        replaces=("create_causal_mask",),
+        why="transformers' mask builder indexes with int64 aranges; build the causal/padding mask from int32 positions",
+        apply=apply,
+        requires=requires,
+    )

@@ -29,12 +29,13 @@ def apply(ctx) -> None:
     ctx.replace("GlmModel.forward", forward)
 
 
-PATCH = Patch(
-    id="native-positions32",
-    family="glm-native",
-    file="transformers",
-    replaces=("GlmModel.forward",),
-    why="GlmModel.forward builds default position ids with an int64 arange; build the same ones in int32",
-    apply=apply,
-    backends=("mlu",),
-)
+def patch(*, requires) -> Patch:
+    return Patch(
+        id="native-positions32",
+        family="glm-native",
+        file="transformers",
+        replaces=("GlmModel.forward",),
+        why="GlmModel.forward builds default position ids with an int64 arange; build the same ones in int32",
+        apply=apply,
+        requires=requires,
+    )

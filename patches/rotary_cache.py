@@ -25,9 +25,9 @@ def apply(ctx) -> None:
     ctx.replace("RotaryEmbedding.forward", forward)
 
 
-def patch(family: str, *, backends, modes=("infer", "train")) -> Patch:
+def patch(family: str, *, requires, modes=("infer", "train")) -> Patch:
     return Patch(
         "rotary-cache", family=family, file="modeling", replaces=("RotaryEmbedding.forward",),
         why="build the rotary cos/sin table once instead of on every forward",
-        apply=apply, backends=backends, modes=modes,
+        apply=apply, requires=requires, modes=modes,
     )

@@ -72,10 +72,10 @@ def apply(ctx) -> None:
     ctx.replace("apply_rotary_pos_emb", rotate)
 
 
-def patch(family: str, *, backends, modes=("infer", "train")) -> Patch:
+def patch(family: str, *, requires, modes=("infer", "train")) -> Patch:
     return Patch(
         "torchscript-off", family=family, file="modeling", replaces=("apply_rotary_pos_emb",),
         why="no TorchScript: restore the fuser flags the import changed, rotate without @torch.jit.script",
         link="https://github.com/hiyouga/LLaMA-Factory/issues/4339",
-        apply=apply, backends=backends, modes=modes,
+        apply=apply, requires=requires, modes=modes,
     )

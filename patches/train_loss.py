@@ -36,9 +36,9 @@ def apply(ctx) -> None:
     ctx.replace("ChatGLMForConditionalGeneration.forward", forward)
 
 
-def patch(family: str, *, backends) -> Patch:
+def patch(family: str, *, requires) -> Patch:
     return Patch(
         "label-row-loss", family=family, file="modeling", replaces=("ChatGLMForConditionalGeneration.forward",),
         why="loss on label rows in fp32 chunks instead of an fp32 copy of every logit",
-        apply=apply, backends=backends, modes=("train",),
+        apply=apply, requires=requires, modes=("train",),
     )

@@ -104,7 +104,7 @@ def collect_env(manager, requested) -> dict:
         "backend": {
             "selected": backend.name if backend else None,
             "why": selection.how if selection else error,
-            "emulated": backend.availability().emulated if backend else False,
+            "emulated": backend.emulated if backend else False,
             "device_count": backend.device_count() if backend else 0,
             "collective_backend": backend.collective_backend if backend else None,
             "deepspeed": ds.as_dict(),

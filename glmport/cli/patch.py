@@ -37,6 +37,10 @@ def add_parser(subparsers, common) -> None:
         sub.set_defaults(handler=cmd_plan if name == "plan" else cmd_materialize, checks_backend=False)
 
 
+# A refused plan is bad input (an unknown revision, a missing target): the exit status of a GlmportError.
+REFUSED = 2
+
+
 def _backend(args, manager):
     name = args.backend
     if name in (None, "", "auto"):
@@ -54,7 +58,7 @@ def _plan(args, manager):
     info = inspect_model_dir(args.model_dir.resolve())
     backend = _backend(args, manager)
     registry = manager.patch_sets
-    plan = make_plan(info, backend.name, args.mode, registry, allow_unverified=args.allow_unverified_patches)
+    plan = make_plan(info, backend, args.mode, registry, allow_unverified=args.allow_unverified_patches)
     if not plan.problems:  # preflight: import the code and resolve every target
         try:
             modules, _ = load_modules(info)
@@ -63,7 +67,7 @@ def _plan(args, manager):
 
             plan.problems.append(Problem(str(info.path), str(exc)))
         else:
-            plan = make_plan(info, backend.name, args.mode, registry, modules=modules,
+            plan = make_plan(info, backend, args.mode, registry, modules=modules,
                              allow_unverified=args.allow_unverified_patches)
     return plan
 
@@ -72,7 +76,7 @@ def cmd_plan(args, manager) -> int:
     plan = _plan(args, manager)
     if args.json:
         print_json(plan.as_dict())
-        return 1 if plan.problems else 0
+        return REFUSED if plan.problems else 0
     print(f"{plan.model_dir}: {plan.kind} {plan.family}, backend {plan.backend}, mode {plan.mode}")
     for key, f in plan.files.items():
         rev = f.revision or "UNKNOWN REVISION"
@@ -86,7 +90,7 @@ def cmd_plan(args, manager) -> int:
         print("\nREFUSED:")
         for problem in plan.problems:
             print(f"  - {problem}")
-        return 1
+        return REFUSED
     print(f"\n{len(plan.to_apply)} patch(es) will be applied.")
     return 0
 
@@ -106,13 +110,13 @@ def cmd_list(args, manager) -> int:
 
     registry = manager.patch_sets
     if args.json:
-        print_json([{"set": s.name, "description": s.description, "plugin": registry.origin[s.name],
-                     "patches": describe_patch_set(s)} for s in registry.sets.values()])
+        print_json([{"set": s.name, "description": s.description, "plugin": registry.origin(s.name),
+                     "patches": describe_patch_set(s)} for s in registry])
         return 0
-    for patch_set in registry.sets.values():
-        print(f"{patch_set.name}: {patch_set.description} (from plugin {registry.origin[patch_set.name]})")
+    for patch_set in registry:
+        print(f"{patch_set.name}: {patch_set.description} (from plugin {registry.origin(patch_set.name)})")
         rows = [[p.family, p.id, ",".join(p.backends) if isinstance(p.backends, tuple) else p.backends,
-                 ",".join(p.modes), p.why] for p in patch_set.patches]
-        print(table(["FAMILY", "PATCH", "BACKENDS", "MODES", "WHY"], rows))
+                 ",".join(p.requires) or "-", ",".join(p.modes), p.why] for p in patch_set.patches]
+        print(table(["FAMILY", "PATCH", "BACKENDS", "REQUIRES", "MODES", "WHY"], rows))
         print()
     return 0

@@ -17,8 +17,6 @@ from pathlib import Path
 
 from glmport.errors import PatchError
 from glmport.patching.manifest import REMOTE_FILES, sha256_raw
-from glmport.patching.model import PatchContext
-from glmport.patching.recorder import PatchRecorder
 
 HEADER_MARK = "# --- glmport overlay header ---"
 FOOTER_MARK = "# --- glmport overlay footer ---"
@@ -68,38 +66,36 @@ def capture() -> dict:
 
 
 def finish(namespace: dict, file_key: str, digest: str, state: dict, plan: dict) -> None:
-    """Run from an overlay module's footer: verify its text, apply the planned patches of this file."""
+    """Run from an overlay module's footer: verify its text, apply the planned patches of this file.
+
+    The footer runs inside someone else's script, so there is no caller to hand down a plugin manager:
+    this is the one place glmport makes its own, from the environment (installed plugins, ``-p`` is not
+    available). Patches are applied by :func:`glmport.patching.session.apply_patches`, the same code and
+    the same rollback as ``glmport train``."""
     import sys
+
+    from glmport.patching.session import apply_patches
+    from glmport.plugins import PluginManager
 
     path = Path(namespace["__file__"])
     text = original_text(path.read_text(encoding="utf-8"))
     if sha256_raw(text.encode("utf-8")) != digest:
         raise PatchError(f"{path}: the code changed since the overlay was made; run glmport patch materialize again")
-    from glmport.plugins import get_plugin_manager
-
-    manager = get_plugin_manager()
+    manager = PluginManager()
     backend = manager.backends.get(plan["backend"])
     if backend is None:
         raise PatchError(f"{path}: the overlay was made for backend {plan['backend']!r}, which is not registered here "
                          "(install the plugin that provides it)")
     module = sys.modules[namespace["__name__"]]
-    wanted = {(p["set"], p["id"]) for p in plan["patches"] if p["status"] == "apply" and p["file"] == file_key}
-    available = {(s.name, p.id): p for s, p in manager.patch_sets.select(plan["family"], plan["backend"], plan["mode"])}
-    missing = sorted(f"{name}/{patch_id}" for name, patch_id in wanted - available.keys())
+    wanted = [(p["set"], p["id"]) for p in plan["patches"] if p["status"] == "apply" and p["file"] == file_key]
+    available = {(s.name, p.id): p for s, p in manager.patch_sets.select(plan["family"], backend, plan["mode"])}
+    missing = sorted(f"{name}/{patch_id}" for name, patch_id in set(wanted) - available.keys())
     if missing:
         raise PatchError(f"{path}: patches of this overlay are not registered here: {', '.join(missing)} "
                          "(install the plugin that provides them, or materialize the overlay again)")
-    recorder = PatchRecorder()
-    modules = {file_key: module}
-    for key in sorted(wanted):
-        patch = available[key]
-        recorder.current_patch = patch.id
-        patch.apply(PatchContext(module, modules, recorder, backend, plan["mode"], plan["files"][file_key]["revision"],
-                                 state, plan["family"]))
-    broken = recorder.verify()
-    if broken:
-        raise PatchError(f"{path}: patches did not stick: {', '.join(broken)}")
-    namespace["_glmport_recorder"] = recorder
+    namespace["_glmport_recorder"] = apply_patches(
+        [available[key] for key in wanted], {file_key: module}, backend, plan["mode"], state=state,
+        family=plan["family"], revisions={file_key: plan["files"][file_key]["revision"]})
 
 
 def materialize(plan, model_dir: Path, out_dir: Path) -> Path:

@@ -1,40 +1,37 @@
-"""Patch sets contributed by plugins (``glmport_register_patch_sets``), and choosing the ones that apply."""
+"""Patch sets contributed by plugins (``glmport_register_patch_sets``), and choosing the ones that apply.
+
+The registry has the same shape as the backend registry (:class:`glmport.registry.Registry`). Choosing
+asks the backend object what it can do (:mod:`glmport.patching.capabilities`), so a third-party backend
+that declares the same capabilities as a builtin gets the same patches.
+"""
 
 from __future__ import annotations
 
 from glmport.errors import PluginError
 from glmport.patching.model import Patch, PatchSet
+from glmport.registry import Registry
 
 
-class PatchRegistry:
-    def __init__(self) -> None:
-        self.sets: dict[str, PatchSet] = {}
-        self.origin: dict[str, str] = {}
-        self._current_plugin = "<direct>"
+class PatchRegistry(Registry[PatchSet]):
+    kind = "patch set"
+    item_type = PatchSet
 
-    def add(self, patch_set: PatchSet) -> None:
-        if not isinstance(patch_set, PatchSet):
-            raise PluginError(f"plugin {self._current_plugin!r} registered {patch_set!r}, which is not a PatchSet")
-        if patch_set.name in self.sets:
-            raise PluginError(f"patch set {patch_set.name!r} is registered twice: by {self.origin[patch_set.name]!r} "
-                              f"and by {self._current_plugin!r}")
+    def check(self, patch_set: PatchSet) -> None:
         seen = set()
         for patch in patch_set.patches:
             if (patch.family, patch.id) in seen:
-                raise PluginError(f"patch set {patch_set.name!r} ({self._current_plugin}) has two patches "
+                raise PluginError(f"patch set {patch_set.name!r} ({self._plugin}) has two patches "
                                   f"{patch.family}/{patch.id}")
             seen.add((patch.family, patch.id))
-        self.sets[patch_set.name] = patch_set
-        self.origin[patch_set.name] = self._current_plugin
 
-    def select(self, family: str, backend: str, mode: str) -> list[tuple[PatchSet, Patch]]:
-        """Patches for a model family, backend and mode, in registration order."""
-        chosen = []
-        for patch_set in self.sets.values():
-            for patch in patch_set.patches:
-                if patch.family == family and patch.applies_to(backend, mode):
-                    chosen.append((patch_set, patch))
-        return chosen
+    @property
+    def sets(self) -> dict[str, PatchSet]:
+        return dict(self._items)
+
+    def select(self, family: str, backend, mode: str) -> list[tuple[PatchSet, Patch]]:
+        """Patches for a model family, a backend object and a mode, in registration order."""
+        return [(patch_set, patch) for patch_set in self for patch in patch_set.patches
+                if patch.family == family and patch.applies_to(backend, mode)]
 
     def all_patches(self) -> list[tuple[PatchSet, Patch]]:
-        return [(s, p) for s in self.sets.values() for p in s.patches]
+        return [(s, p) for s in self for p in s.patches]

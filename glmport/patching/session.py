@@ -6,8 +6,13 @@ Order of events (nothing is patched at import time):
 2. import the folder's dynamic modules (remote) or transformers' GLM module (native);
 3. preflight: identify every file's revision, select the patches for family/backend/mode, resolve every
    target; all problems are reported in one :class:`~glmport.errors.PatchError`;
-4. apply through a :class:`PatchRecorder`; verify each replacement is in place; print one summary;
+4. apply through a :class:`PatchRecorder` (:func:`apply_patches`, the one apply path: ``glmport train``,
+   ``glmport infer`` and the overlay's import-time footer all use it); verify each replacement is in
+   place; print one summary. A patch that fails takes every change back, process flags included;
 5. the caller builds the model from the patched classes; :meth:`PatchSession.undo` restores everything.
+
+The patch registry comes from the caller (``manager.patch_sets``): a plugin registered on the caller's
+plugin manager contributes its patch sets exactly like it contributes its backend.
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ class PatchPlan:
             "files": {k: {"revision": f.revision, "imitates": f.imitates, "sha256": f.sha256, "detail": f.detail}
                       for k, f in self.files.items()},
             "patches": [{"set": e.set_name, "id": e.patch.id, "status": e.status, "reason": e.reason,
-                         "file": e.patch.file, "replaces": list(e.patch.replaces), "why": e.patch.why,
+                         "file": e.patch.file, "replaces": list(e.patch.replaces), "requires": list(e.patch.requires),
+                         "backends": e.patch.backends, "why": e.patch.why,
                          "link": e.patch.link} for e in self.entries],
             "problems": [str(p) for p in self.problems],
         }
@@ -75,14 +81,15 @@ def _patch_family(info) -> str:
     return "glm-native" if info.kind == "native" else info.family
 
 
-def make_plan(info, backend: str, mode: str, registry, *, modules: dict | None = None,
+def make_plan(info, backend, mode: str, registry, *, modules: dict | None = None,
               allow_unverified: bool = False) -> PatchPlan:
-    """Decide which patches apply; with ``modules`` given, also resolve every target (preflight)."""
+    """Decide which patches apply to ``backend`` (a Backend object: patches are chosen by its name and
+    capabilities); with ``modules`` given, also resolve every target (preflight)."""
     if info.kind == "native":
         files = {"transformers": identify_transformers()}
     else:
         files = identify_remote_folder(info.path)
-    plan = PatchPlan(Path(info.path), info.kind, _patch_family(info), backend, mode, files)
+    plan = PatchPlan(Path(info.path), info.kind, _patch_family(info), backend.name, mode, files)
 
     for key, identity in files.items():
         if identity.path is not None and identity.sha256 is None and key == "modeling":
@@ -92,7 +99,7 @@ def make_plan(info, backend: str, mode: str, registry, *, modules: dict | None =
             plan.problems.append(Problem(
                 f"{identity.path}", f"unknown revision (sha256 {identity.sha256[:12]}...); known revisions of this file: {known}",
                 "update the model folder to a released revision, or pass --allow-unverified-patches "
-                "(glmport.allow_unverified_patches: true) to patch it anyway"))
+                "(in a training config: glmport.allow_unverified_patches: true) to patch it anyway"))
         elif not identity.known and identity.key == "transformers" and not allow_unverified:
             plan.problems.append(Problem(
                 "transformers", f"{identity.detail} is outside the versions the native GLM patches were written for",
@@ -248,12 +255,37 @@ class PatchSession:
         self.active = False
 
 
-def patch_session(info, backend, mode: str, *, allow_unverified: bool = False, registry=None) -> PatchSession:
-    """Load the code of ``info``'s folder, preflight and apply the patches for ``backend``/``mode``."""
-    if registry is None:
-        from glmport.plugins import get_plugin_manager
+def apply_patches(patches, modules: dict[str, Any], backend, mode: str, *, state: dict[str, Any], family: str,
+                  revisions: dict[str, str | None]) -> PatchRecorder:
+    """Apply ``patches`` (in order) through one recorder and verify they stuck.
 
-        registry = get_plugin_manager().patch_sets
+    On any failure every change is taken back, the process state from before the remote import
+    (TorchScript flags) is restored, and a :class:`PatchError` names the patch and the file."""
+    recorder = PatchRecorder()
+    patch = None
+    try:
+        for patch in patches:
+            recorder.current_patch = patch.id
+            module = modules[patch.file]
+            patch.apply(PatchContext(module, modules, recorder, backend, mode, revisions.get(patch.file), state,
+                                     family, patch))
+        broken = recorder.verify()
+        if broken:
+            raise PatchError("patches did not stick: " + ", ".join(broken))
+    except Exception as exc:
+        recorder.undo()
+        restore_process_state(state)
+        if isinstance(exc, PatchError):
+            raise
+        where = getattr(modules.get(patch.file), "__file__", patch.file)
+        raise PatchError(f"patch {patch.id} failed to apply to {where}: {type(exc).__name__}: {exc}") from exc
+    return recorder
+
+
+def patch_session(info, backend, mode: str, *, registry, allow_unverified: bool = False) -> PatchSession:
+    """Load the code of ``info``'s folder, preflight and apply the patches for ``backend``/``mode``.
+
+    ``registry`` is the patch registry of the caller's plugin manager (``manager.patch_sets``)."""
     modules, classes = load_modules(info)
     # The remote module flips TorchScript flags when it is first imported; a later session in the same
     # process finds it cached, so load_modules keeps the state from before that first import on the module.
@@ -264,34 +296,22 @@ def patch_session(info, backend, mode: str, *, allow_unverified: bool = False, r
         if owner is not None and owner.active:
             raise PatchError(f"{module.__name__} is already patched (for {owner.plan.backend}/{owner.plan.mode}) in this "
                              "process; undo that session before patching again")
-    plan = make_plan(info, backend.name, mode, registry, modules=modules, allow_unverified=allow_unverified)
+    plan = make_plan(info, backend, mode, registry, modules=modules, allow_unverified=allow_unverified)
     if plan.problems:
         restore_process_state(state)  # refused: leave the process as it was before the import
         raise PatchError(f"cannot patch {info.path} for backend {backend.name}, mode {mode}", plan.problems)
-    recorder = PatchRecorder()
+    revisions = {key: identity.effective_revision for key, identity in plan.files.items()}
+    recorder = apply_patches([entry.patch for entry in plan.to_apply], modules, backend, mode, state=state,
+                             family=plan.family, revisions=revisions)
     session = PatchSession(plan, modules, classes, recorder)
-    for entry in plan.to_apply:
-        recorder.current_patch = entry.patch.id
-        module = modules[entry.patch.file]
-        context = PatchContext(module, modules, recorder, backend, mode, plan.files[entry.patch.file].effective_revision,
-                               state, plan.family)
-        try:
-            entry.patch.apply(context)
-        except Exception as exc:
-            recorder.undo()
-            raise PatchError(f"patch {entry.patch.id} failed to apply to {getattr(module, '__file__', module)}: "
-                             f"{type(exc).__name__}: {exc}") from exc
-    broken = recorder.verify()
-    if broken:
-        recorder.undo()
-        raise PatchError("patches did not stick: " + ", ".join(broken))
     for module in modules.values():
         setattr(module, SESSION_ATTR, session)
-    log.info("glmport: %s", session.summary())
+    log.info("%s", session.summary())
     return session
 
 
 def describe_patch_set(patch_set: PatchSet) -> list[dict]:
-    return [{"id": p.id, "family": p.family, "file": p.file, "backends": p.backends, "modes": list(p.modes),
+    return [{"id": p.id, "family": p.family, "file": p.file, "backends": p.backends, "requires": list(p.requires),
+             "modes": list(p.modes),
              "replaces": list(p.replaces), "revisions": list(p.revisions), "why": p.why, "link": p.link}
             for p in patch_set.patches]

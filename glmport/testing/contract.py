@@ -8,7 +8,8 @@ Use it from a plugin's own test suite::
         backend_name = "npu"        # skipped with the backend's reason when it is not available here
 
 or override the ``backend`` fixture to parametrize over several backends (glmport's own matrix does).
-The tests run on whatever device the backend places tensors on; under emulation that is the CPU.
+The tests run on whatever device the backend places tensors on; under emulation that is the CPU. Each
+test runs inside the backend's ``activate()``, as a training run would.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class BackendContract:
     backend_name: str | None = None
 
     @pytest.fixture
-    def backend(self) -> Backend:
+    def backend(self):
         from glmport.plugins import PluginManager
 
         assert self.backend_name, "set backend_name on your BackendContract subclass or override `backend`"
@@ -83,7 +84,8 @@ class BackendContract:
         status = found.availability()
         if not status.available:
             pytest.skip(f"backend {self.backend_name} is not available here: {status.reason}")
-        return found
+        with found.activate():
+            yield found
 
     # --- identity and detection ------------------------------------------------------------------
     def test_identity(self, backend: Backend):

@@ -8,7 +8,9 @@ import os
 
 @contextlib.contextmanager
 def emulating(*device_types: str):
-    """Set ``GLMPORT_EMULATE`` for the block and remove every trace afterwards (fake modules included)."""
+    """Set ``GLMPORT_EMULATE`` for the block: plugin managers made inside it (and processes started from
+    it) get the emulated twins of these backends. Nothing else in the process changes; a backend's
+    stand-in device module is installed only by its ``activate()``."""
     previous = os.environ.get("GLMPORT_EMULATE")
     os.environ["GLMPORT_EMULATE"] = ",".join(device_types)
     try:
@@ -18,9 +20,6 @@ def emulating(*device_types: str):
             os.environ.pop("GLMPORT_EMULATE", None)
         else:
             os.environ["GLMPORT_EMULATE"] = previous
-        from glmport.backends._emulation import remove_emulation
-
-        remove_emulation()
 
 
 def cpu_int32_kernels():

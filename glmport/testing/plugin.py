@@ -3,8 +3,8 @@
 Fixtures:
 
 * ``glmport_emulate``: a function ``glmport_emulate("mlu")`` that turns emulation on for the test.
-* ``fresh_plugin_manager``: a new :class:`glmport.plugins.PluginManager` installed as the process-wide one
-  for the test, so plugins registered in a test do not leak into the next.
+* ``fresh_plugin_manager``: a new :class:`glmport.plugins.PluginManager` for the test (entry points not
+  autoloaded); pass it to what you test, and register test plugins on it with ``add_plugin``.
 * ``tiny_model_factory``: ``tiny_model_factory("tiny-native")`` builds (once per session and kind) a tiny
   random GLM model folder offline and returns its path.
 
@@ -34,13 +34,9 @@ def glmport_emulate():
 
 @pytest.fixture
 def fresh_plugin_manager():
-    from glmport import plugins
+    from glmport.plugins import PluginManager
 
-    previous = plugins._current
-    manager = plugins.PluginManager()
-    plugins.set_plugin_manager(manager)
-    yield manager
-    plugins.set_plugin_manager(previous)
+    return PluginManager(autoload=False)
 
 
 @pytest.fixture(scope="session")

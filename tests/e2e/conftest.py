@@ -1,13 +1,21 @@
-"""Fixtures for end-to-end tests: tiny models built once through the CLI, a small synthetic data set."""
+"""Fixtures for end-to-end tests: tiny models built through the CLI when first used, a small synthetic data set."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from e2e_cli import ok, run_glmport
 
+from glmport.testing import ok, run_cli
 from glmport.tiny.synthetic import make_records, write_jsonl
+
+MODEL_ARGS = {"native": ["tiny-native"], "remote": ["tiny-remote"], "remote-glm4": ["tiny-remote", "--family", "glm4"]}
+
+
+@pytest.fixture(autouse=True)
+def _no_emulation_from_outside(monkeypatch):
+    """Runs emulate a device only where a test asks for it, whatever the developer's shell exports."""
+    monkeypatch.delenv("GLMPORT_EMULATE", raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -18,13 +26,20 @@ def data_dir(tmp_path_factory) -> Path:
     return folder
 
 
+class _TinyModels(dict):
+    """``models["native" | "remote" | "remote-glm4"]``: the folder, built by ``glmport init-model`` on first use."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        target = self.root / name
+        ok(run_cli("init-model", *MODEL_ARGS[name], target))
+        self[name] = target
+        return target
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny model folders built through the CLI, once per session."""
-    built = {}
-    for name, args in {"native": ["tiny-native"], "remote": ["tiny-remote"],
-                       "remote-glm4": ["tiny-remote", "--family", "glm4"]}.items():
-        target = tmp_path_factory.mktemp("models") / name
-        ok(run_glmport("init-model", *args, target))
-        built[name] = target
-    return built
+    return _TinyModels(tmp_path_factory.mktemp("models"))

@@ -1,28 +1,16 @@
-"""Running the glmport CLI for real in end-to-end tests, and writing small configs."""
+"""Writing small configs for end-to-end runs, and reading what a run wrote.
+
+The commands themselves run through :func:`glmport.testing.run_cli`: in this process when the command
+fails before any model loads or only builds one, in a fresh interpreter (``in_process=False``) for
+training runs, which load remote code and set global torch state the way a user's run does.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-
-
-def run_glmport(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ)
-    full_env.pop("GLMPORT_EMULATE", None)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "glmport", *map(str, args)], env=full_env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
-    return result
-
 
 METHODS = {
     "lora": {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16, "lora_dropout": 0.0},

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from glmport.data.loader import load_conversations
+from glmport.testing import run_cli
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 CHAT = FIXTURES / "chat.jsonl"  # three conversations: single turn, multi-turn with system, tools + tool call
@@ -21,17 +22,12 @@ TOOLS = 2 + (2 + len(TOOLS_SYSTEM_TEXT)) + (2 + 5) + (1 + 2 + 28) + (2 + 8) + (2
 
 
 @pytest.fixture
-def glmport(monkeypatch, capsys):
-    import glmport.cli as cli
+def glmport():
+    """``glmport(*argv) -> (exit status, stdout, stderr)``, run in this process."""
 
-    if "data" not in cli.COMMAND_MODULES:
-        # Until glmport/cli/__init__.py lists the data command (its owner registers it), add it here.
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "data"))
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = cli.main([str(a) for a in argv])
-        out = capsys.readouterr()
-        return code, out.out, out.err
+    def run(*argv) -> tuple[int, str, str]:
+        result = run_cli(*argv)
+        return result.exit_code, result.stdout, result.stderr
 
     return run
 

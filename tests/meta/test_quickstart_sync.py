@@ -26,3 +26,11 @@ def test_ci_runs_the_readme_test_command_and_fails_on_no_tests():
     script = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert quickstart_commands()[1] in script.splitlines()
     assert '"$status" -eq 5' in script
+
+
+def test_the_test_extra_installs_what_the_pytest_options_need():
+    """addopts runs the suite in parallel (`-n`): the quick start's `.[test]` must install pytest-xdist."""
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    addopts = re.search(r'^addopts = "(.*)"$', pyproject, re.M).group(1).split()
+    test_extra = re.search(r"^test = \[(.*)\]$", pyproject, re.M).group(1)
+    assert "-n" in addopts and '"pytest-xdist' in test_extra

@@ -220,9 +220,9 @@ class Variant:
 
     @property
     def varlen(self) -> bool:
-        """Whether the variable-length attention path runs (a kernel exists only under emulation here;
-        mlu-infer uses SDPA, the cuda sets and mlu-train use the kernel)."""
-        return self.emulate is not None and (self.backend == "cuda" or self.mode == "train")
+        """Whether the variable-length attention path runs: the accelerator set's attention uses the
+        backend's kernel, and a kernel exists only under emulation here."""
+        return self.emulate is not None
 
 
 VARIANTS = [
@@ -239,13 +239,9 @@ def variant_params(variants=None) -> list:
 
 def _clear_device_caches() -> None:
     """transformers and accelerate cache "is an MLU there" answers; forget what they saw under emulation."""
-    for module_name, names in (("accelerate.utils.imports", ("is_mlu_available", "is_cuda_available")),
-                               ("transformers.utils.import_utils", ("is_torch_mlu_available",))):
-        module = sys.modules.get(module_name)
-        for name in names:
-            clear = getattr(getattr(module, name, None), "cache_clear", None)
-            if clear is not None:
-                clear()
+    from glmport.backends._emulation import forget_device_probes
+
+    forget_device_probes()
 
 
 @contextlib.contextmanager
@@ -263,10 +259,15 @@ def on_device(device: str | None):
         _clear_device_caches()
 
 
-def backend(name: str):
-    from glmport.plugins import get_plugin_manager
+def manager():
+    """A plugin manager as the CLI makes one (emulated twins for GLMPORT_EMULATE, read now)."""
+    from glmport.plugins import PluginManager
 
-    return get_plugin_manager().backends.get(name)
+    return PluginManager(autoload=False)
+
+
+def backend(name: str):
+    return manager().backends.get(name)
 
 
 # ------------------------------------------------------------------------------------ process state
@@ -279,13 +280,9 @@ def capture_state() -> dict:
 
 
 def restore_state(state: dict) -> None:
-    import torch
+    from glmport.patching.session import restore_process_state
 
-    C = torch._C
-    C._jit_set_profiling_mode(state["jit_profiling_mode"])
-    C._jit_set_profiling_executor(state["jit_profiling_executor"])
-    C._jit_override_can_fuse_on_cpu(state["jit_fuse_cpu"])
-    C._jit_override_can_fuse_on_gpu(state["jit_fuse_gpu"])
+    restore_process_state(state)
 
 
 def patched_modules() -> list:
@@ -326,21 +323,18 @@ def patched_model(folder: Path, backend_name: str, mode: str, *, dtype=None, reg
 
     dtype = dtype or torch.float32
     info = model_info(folder)
+    plugins = manager()
+    registry = registry or plugins.patch_sets
+    backend_object = backend_object or plugins.backends.get(backend_name)
     if product_path or info.kind == "native":
-        assert registry is None and backend_object is None, "load_model uses the process-wide plugin manager"
-        loaded = load_model(info, backend(backend_name), mode=mode, dtype=dtype, allow_unverified=allow_unverified,
-                            config_overrides=config_overrides)
+        loaded = load_model(info, backend_object, mode=mode, dtype=dtype, patch_sets=registry,
+                            allow_unverified=allow_unverified, config_overrides=config_overrides)
         try:
             yield loaded.model, loaded.patches
         finally:
             loaded.patches.undo()
         return
-    if registry is None:
-        from glmport.plugins import get_plugin_manager
-
-        registry = get_plugin_manager().patch_sets
-    session = patch_session(info, backend_object or backend(backend_name), mode, allow_unverified=allow_unverified,
-                            registry=registry)
+    session = patch_session(info, backend_object, mode, allow_unverified=allow_unverified, registry=registry)
     try:
         config_cls, model_cls, _ = session.remote_classes
         config = config_cls.from_pretrained(str(folder))
@@ -354,18 +348,18 @@ def patched_model(folder: Path, backend_name: str, mode: str, *, dtype=None, reg
         session.undo()
 
 
-def make_plan(folder: Path, backend_name: str, mode: str, *, registry=None, allow_unverified: bool = False):
+def make_plan(folder: Path, backend_name: str, mode: str, *, registry=None, backend_object=None,
+              allow_unverified: bool = False):
     """The plan with preflight (targets resolved against the imported modules), as ``glmport patch plan``."""
     from glmport.patching.session import load_modules
     from glmport.patching.session import make_plan as engine_plan
 
-    if registry is None:
-        from glmport.plugins import get_plugin_manager
-
-        registry = get_plugin_manager().patch_sets
+    plugins = manager()
+    registry = registry or plugins.patch_sets
     info = model_info(folder)
     modules, _ = load_modules(info)
-    return engine_plan(info, backend_name, mode, registry, modules=modules, allow_unverified=allow_unverified)
+    return engine_plan(info, backend_object or plugins.backends.get(backend_name), mode, registry, modules=modules,
+                       allow_unverified=allow_unverified)
 
 
 def imported_modules(info) -> dict:
@@ -394,14 +388,21 @@ def _own_classes(module) -> dict[str, type]:
             if isinstance(value, type) and value.__module__ == module.__name__}
 
 
+# Class attributes that Python (copyreg's ``__slotnames__``, on the first copy) and transformers (its
+# ``_can_set_*_cached_value``, on the first model built) create on first use: caches, not patches. Left out
+# of snapshots, or a test's result would depend on whether an earlier test in its process built the model.
+LAZY_CACHES = ("__slotnames__", "_can_set_attn_implementation_cached_value",
+               "_can_set_experts_implementation_cached_value")
+
+
 def snapshot(modules: dict) -> dict:
-    """Every module-level name, every attribute in each class's own ``__dict__`` and each class's
-    ``__bases__``, for the modules of one folder (keyed by file: modeling, configuration, ...)."""
+    """Every module-level name, every attribute in each class's own ``__dict__`` (but :data:`LAZY_CACHES`)
+    and each class's ``__bases__``, for the modules of one folder (keyed by file: modeling, configuration, ...)."""
     state = {}
     for key, module in modules.items():
         state[(key, "")] = dict(vars(module))
         for name, cls in _own_classes(module).items():
-            state[(key, name)] = dict(vars(cls))
+            state[(key, name)] = {k: v for k, v in vars(cls).items() if k not in LAZY_CACHES}
             state[(key, f"{name}.__bases__")] = cls.__bases__
     return state
 
@@ -479,11 +480,3 @@ def labels_for(ids, mask):
     labels[:, 1:][mask[:, :-1] == 0] = -100
     return labels
 
-
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
-    """``python -m glmport ARGS`` in a subprocess."""
-    import subprocess
-
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "glmport", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)

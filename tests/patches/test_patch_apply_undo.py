@@ -17,6 +17,7 @@ from patchkit import (
     changes,
     declared_targets,
     imported_modules,
+    manager,
     model_info,
     on_device,
     patched_model,
@@ -53,7 +54,8 @@ def expected_changes(session, variant: Variant) -> set[str]:
 
 
 def apply_and_check(info, variant: Variant, modules: dict):
-    session = patch_session(info, backend(variant.backend), variant.mode)
+    plugins = manager()
+    session = patch_session(info, plugins.backends.get(variant.backend), variant.mode, registry=plugins.patch_sets)
     assert set(session.modules) == set(modules) and all(session.modules[k] is modules[k] for k in modules)
     assert all(vars(module)[SESSION_ATTR] is session for module in modules.values())
     # verified by identity: what the recorder put is what the owners hold
@@ -85,7 +87,7 @@ def test_apply_changes_exactly_the_declared_targets_and_undo_restores_them(sourc
             # the module earlier, so that is the current state; see test_patch_engine for a fresh process)
             assert capture_state() == flags
             with pytest.raises(PatchError, match="already patched"):
-                patch_session(info, backend(variant.backend), variant.mode)
+                patch_session(info, backend(variant.backend), variant.mode, registry=manager().patch_sets)
             assert changes(before, modules) == expected_changes(session, variant)  # the refusal changed nothing
         finally:
             session.undo()
@@ -131,7 +133,7 @@ def test_native_apply_and_undo(backend_name, native_dir):
     modules = {"transformers": module}
     before = snapshot(modules)
     info = model_info(native_dir("chatglm3"))
-    session = patch_session(info, backend(backend_name), "infer")
+    session = patch_session(info, backend(backend_name), "infer", registry=manager().patch_sets)
     try:
         expected = {f"transformers:{SESSION_ATTR}"}
         if backend_name == "mlu":
@@ -185,8 +187,12 @@ def test_each_patch_alone_changes_its_targets_and_undo_restores_them(source, set
                  if p.id == patch_id and p.family == source.family)
     registry = PatchRegistry()
     registry.add(PatchSet(set_name, "one patch", [patch]))
-    backend_name = "cpu" if patch.backends == "*" else patch.backends[0]
-    variant = Variant(backend_name, patch.modes[0], None if backend_name == "cpu" else backend_name)
+    # the first backend of the matrix whose capabilities the patch requires (emulated where not cpu)
+    variant = next(v for v in (Variant("cpu", patch.modes[0]), Variant("mlu", patch.modes[0], "mlu"),
+                               Variant("cuda", patch.modes[0], "cuda"))
+                   if patch.applies_to(manager().backends.with_emulation([v.emulate] if v.emulate else [])
+                                       .get(v.backend), v.mode))
+    backend_name = variant.backend
     info = model_info(model_dir(source))
     with on_device(variant.emulate):
         modules = imported_modules(info)

@@ -24,16 +24,17 @@ from patchkit import (
     patched_model,
     plan_rows,
     restore_state,
-    run_cli,
     snapshot,
     token_batch,
 )
 
+from glmport.backend import Backend, SixtyFourBitPolicy
 from glmport.errors import PatchError, PluginError
 from glmport.patching import Patch, PatchContext, PatchRecorder, PatchSet
 from glmport.patching.model import resolve_owner
 from glmport.patching.registry import PatchRegistry
 from glmport.plugins import PluginManager
+from glmport.testing import ok, run_cli
 
 SOURCES = {s.name: s for s in fixture_sources()}
 CHATGLM3 = SOURCES["chatglm3-2024-06"]
@@ -138,10 +139,17 @@ def test_context_resolves_dotted_targets():
     with pytest.raises(AttributeError, match="Child.missing not found"):
         resolve_owner(module, "Child.missing")
     recorder = PatchRecorder()
-    ctx = PatchContext(module, {"modeling": module}, recorder, None, "infer", None, {})
+    declares_own = _patch("own", replaces=("Child.own",))
+    ctx = PatchContext(module, {"modeling": module}, recorder, None, "infer", None, {}, patch=declares_own)
     original = ctx.original("Child.own")
     ctx.replace("Child.own", "x")
     assert Child.own == "x" and original(None) == "child"
+    # only what the patch declares may change (pytest's MonkeyPatch(raising=True) spirit)
+    with pytest.raises(AttributeError, match=r"Child.inherited is not among the targets this patch declares \(Child.own\)"):
+        ctx.replace("Child.inherited", "y")
+    with pytest.raises(AttributeError, match="Child.extra is not among the targets"):
+        ctx.add("Child.extra", 1)
+    assert "inherited" not in vars(Child) and not hasattr(Child, "extra")
     recorder.undo()
     assert Child.own is original
 
@@ -160,14 +168,14 @@ def _patch(pid="p", family="chatglm3", **kw):
 
 def test_registry_rejects_non_patch_sets_and_duplicates():
     registry = PatchRegistry()
-    with pytest.raises(PluginError, match="which is not a PatchSet"):
+    with pytest.raises(PluginError, match="which is not a glmport.patching.model.PatchSet"):
         registry.add({"name": "fake"})
     with pytest.raises(PluginError, match="has two patches chatglm3/dup"):
         registry.add(PatchSet("twice", "", [_patch("dup"), _patch("dup", replaces=("CoreAttention.forward",))]))
     assert "twice" not in registry.sets
     registry.add(PatchSet("per-family", "", [_patch("same"), _patch("same", family="glm4")]))  # ok: two families
-    registry._current_plugin = "other"
-    with pytest.raises(PluginError, match="'per-family' is registered twice: by '<direct>' and by 'other'"):
+    with registry.attributed_to("other"), \
+            pytest.raises(PluginError, match="'per-family' is registered twice: by '<direct>' and by 'other'"):
         registry.add(PatchSet("per-family", "", []))
 
 
@@ -176,18 +184,45 @@ def test_registry_selects_by_family_backend_and_mode_in_registration_order():
     registry.add(PatchSet("a", "", [_patch("any"), _patch("mlu-train", backends=("mlu",), modes=("train",)),
                                     _patch("glm4-only", family="glm4")]))
     registry.add(PatchSet("b", "", [_patch("cuda", backends=("cuda", "mlu"))]))
-    ids = lambda *args: [(s.name, p.id) for s, p in registry.select(*args)]  # noqa: E731
+    backends = PluginManager(autoload=False).backends
+    ids = lambda family, name, mode: [(s.name, p.id) for s, p in registry.select(family, backends.get(name), mode)]  # noqa: E731
     assert ids("chatglm3", "mlu", "train") == [("a", "any"), ("a", "mlu-train"), ("b", "cuda")]
     assert ids("chatglm3", "mlu", "infer") == [("a", "any"), ("b", "cuda")]
     assert ids("chatglm3", "cpu", "infer") == [("a", "any")]
     assert ids("glm4", "cpu", "train") == [("a", "glm4-only")]
 
 
+class _Declared(Backend):
+    """A backend that is nothing but its declared capabilities (name chosen to match no builtin)."""
+
+    def __init__(self, name, *, lacks_64bit=False, device_type="cpu", torchscript=False):
+        self.name, self.device_type, self.torchscript, self._lacks = name, device_type, torchscript, lacks_64bit
+
+    def sixty_four_bit_policy(self):
+        import torch
+
+        return SixtyFourBitPolicy({torch.int64: torch.int32} if self._lacks else {})
+
+
+def test_registry_selects_by_capability_not_by_name():
+    registry = PatchRegistry()
+    registry.add(PatchSet("caps", "", [_patch("int32", requires=("lacks-64bit",)),
+                                       _patch("device", requires=("accelerator",)),
+                                       _patch("both", requires=("lacks-64bit", "accelerator")),
+                                       _patch("no-jit", requires=("no-torchscript",))]))
+    ids = lambda backend: [p.id for _, p in registry.select("chatglm3", backend, "train")]  # noqa: E731
+    assert ids(_Declared("npu", lacks_64bit=True, device_type="npu")) == ["int32", "device", "both", "no-jit"]
+    assert ids(_Declared("host32", lacks_64bit=True)) == ["int32", "no-jit"]
+    assert ids(_Declared("gpu", device_type="gpu", torchscript=True)) == ["device"]
+    with pytest.raises(ValueError, match="unknown capability 'fast'"):
+        _patch("typo", requires=("fast",)).applies_to(_Declared("x"), "train")
+
+
 def test_builtin_sets_come_through_the_hook():
     manager = PluginManager(autoload=False)
     registry = manager.patch_sets
-    assert list(registry.sets) == ["compat", "cpu", "mlu-infer", "mlu-train", "cuda-infer", "cuda-train", "native-mlu"]
-    assert set(registry.origin.values()) == {"patches"}
+    assert list(registry.sets) == ["compat", "no-torchscript", "int32", "accelerator"]
+    assert {registry.origin(name) for name in registry.names()} == {"patches"}
     assert "glmport_register_patch_sets" in manager.info["patches"].hooks
     assert "compat" not in PluginManager(disabled=["patches"], autoload=False).patch_sets.sets
 
@@ -223,7 +258,7 @@ def count_norm_calls(ctx):
         return original(self, hidden_states)
 
     ctx.replace("RMSNorm.forward", forward)
-    ctx.recorder.setattr(ctx.module.RMSNorm, "toy32_marker", True, must_exist=False)
+    ctx.add("RMSNorm.toy32_marker", True)
 
 
 def patches(family):
@@ -278,18 +313,20 @@ def test_third_party_set_is_selected_and_applied(plugin_dir, model_dir):
 
     manager = PluginManager(load=["glmport_toy_patches"], autoload=False)
     registry = manager.patch_sets
-    assert registry.origin["toy32-train"] == "glmport_toy_patches"
+    assert registry.origin("toy32-train") == "glmport_toy_patches"
+    toy32, cpu = manager.backends.get("toy32"), manager.backends.get("cpu")
     compat_glm4 = [p.id for p in registry.sets["compat"].patches if p.family == "glm4"]
-    assert [(s.name, p.id) for s, p in registry.select("glm4", "toy32", "train")] == \
-        [("compat", pid) for pid in compat_glm4] + [("toy32-train", "toy-norm-count")]
-    assert "toy32-train" not in {s.name for s, _ in registry.select("chatglm3", "toy32", "infer")}  # mode
-    assert "toy32-train" not in {s.name for s, _ in registry.select("chatglm3", "cpu", "train")}  # backend
+    assert [(s.name, p.id) for s, p in registry.select("glm4", toy32, "train")] == \
+        [("compat", pid) for pid in compat_glm4] + [("no-torchscript", "torchscript-off"),
+                                                   ("toy32-train", "toy-norm-count")]
+    assert "toy32-train" not in {s.name for s, _ in registry.select("chatglm3", toy32, "infer")}  # mode
+    assert "toy32-train" not in {s.name for s, _ in registry.select("chatglm3", cpu, "train")}  # backend
 
     folder = model_dir(CHATGLM3)
-    plan = make_plan(folder, "toy32", "train", registry=registry)
+    plan = make_plan(folder, "toy32", "train", registry=registry, backend_object=toy32)
     assert not plan.problems
     assert ("toy32-train", "toy-norm-count", "apply") in plan_rows(plan)
-    assert {s for s, _, status in plan_rows(plan) if status == "apply"} == {"compat", "toy32-train"}
+    assert {s for s, _, status in plan_rows(plan) if status == "apply"} == {"compat", "no-torchscript", "toy32-train"}
 
     plugin = sys.modules["glmport_toy_patches"]
     plugin.CALLS.clear()
@@ -308,15 +345,14 @@ def test_third_party_set_is_selected_and_applied(plugin_dir, model_dir):
 
 
 def test_third_party_set_in_cli_list_and_plan(plugin_dir, model_dir, fresh_plugin_manager, capsys):
-    out = run_cli("-p", "glmport_toy_patches", "patch", "list", "--json", env={"PYTHONPATH": str(plugin_dir)})
-    assert out.returncode == 0, out.stderr
+    out = ok(run_cli("-p", "glmport_toy_patches", "patch", "list", "--json"))  # plugin_dir is on sys.path
     sets = {s["set"]: s for s in json.loads(out.stdout)}
     assert sets["toy32-train"]["plugin"] == "glmport_toy_patches"
     toy = sets["toy32-train"]["patches"]
     assert [(p["family"], p["id"], p["backends"], p["modes"]) for p in toy] == \
         [("chatglm3", "toy-norm-count", ["toy32"], ["train"]), ("glm4", "toy-norm-count", ["toy32"], ["train"])]
     assert sets["compat"]["plugin"] == "patches"
-    without = run_cli("patch", "list", "--json")
+    without = ok(run_cli("patch", "list", "--json"))
     assert "toy32-train" not in {s["set"] for s in json.loads(without.stdout)}
 
     from glmport.cli import main
@@ -333,18 +369,20 @@ def test_third_party_set_in_cli_list_and_plan(plugin_dir, model_dir, fresh_plugi
 def test_overlapping_sets_are_a_problem(plugin_dir, model_dir, fresh_plugin_manager, capsys):
     manager = PluginManager(load=["glmport_toy_overlap"], autoload=False)
     folder = model_dir(CHATGLM3)
-    plan = make_plan(folder, "mlu", "train", registry=manager.patch_sets)
+    mlu = manager.backends.get("mlu")
+    plan = make_plan(folder, "mlu", "train", registry=manager.patch_sets, backend_object=mlu)
     overlap = [str(p) for p in plan.problems]
     assert len(overlap) == 1
     assert "patch toy-overlap/toy-rotation" in overlap[0]
-    assert "replaces apply_rotary_pos_emb, which mlu-train/torchscript-off already replaces" in overlap[0]
-    assert not make_plan(folder, "mlu", "infer", registry=manager.patch_sets).problems  # only where both apply
+    assert "replaces apply_rotary_pos_emb, which no-torchscript/torchscript-off already replaces" in overlap[0]
+    # only where both apply
+    assert not make_plan(folder, "mlu", "infer", registry=manager.patch_sets, backend_object=mlu).problems
 
     from glmport.patching.session import load_modules, patch_session
 
     modules, _ = load_modules(model_info(folder))
     before = snapshot(modules)
-    with pytest.raises(PatchError, match="apply_rotary_pos_emb, which mlu-train/torchscript-off"):
+    with pytest.raises(PatchError, match="apply_rotary_pos_emb, which no-torchscript/torchscript-off"):
         patch_session(model_info(folder), manager.backends.get("mlu"), "train", registry=manager.patch_sets)
     assert changes(before, modules) == set()  # refused before anything was replaced
 
@@ -352,7 +390,7 @@ def test_overlapping_sets_are_a_problem(plugin_dir, model_dir, fresh_plugin_mana
 
     rc = main(["-p", "glmport_toy_overlap", "patch", "plan", str(folder), "--backend", "mlu", "--mode", "train"])
     out = capsys.readouterr().out
-    assert rc == 1 and "REFUSED:" in out and "toy-overlap/toy-rotation" in out
+    assert rc == 2 and "REFUSED:" in out and "toy-overlap/toy-rotation" in out
 
 
 # ----------------------------------------------------------------------------------------- session rules
@@ -360,27 +398,27 @@ def test_overlapping_sets_are_a_problem(plugin_dir, model_dir, fresh_plugin_mana
 
 def test_applying_twice_is_refused_and_possible_again_after_undo(model_dir, caplog):
     from glmport.patching.session import patch_session
-    from glmport.plugins import get_plugin_manager
 
     folder = model_dir(CHATGLM3)
     info = model_info(folder)
-    cpu = get_plugin_manager().backends.get("cpu")
+    manager = PluginManager(autoload=False)
+    cpu, registry = manager.backends.get("cpu"), manager.patch_sets
     with caplog.at_level(logging.INFO, logger="glmport"):
-        first = patch_session(info, cpu, "infer")
+        first = patch_session(info, cpu, "infer", registry=registry)
     try:
         summaries = [r.getMessage() for r in caplog.records if r.name == "glmport" and "patches for" in r.getMessage()]
         assert len(summaries) == 1, summaries  # one summary line per session
-        assert summaries[0].startswith("glmport: patches for chatglm3/cpu/infer [modeling=glmport-fixture-chatglm3-2024-06 "
+        assert summaries[0].startswith("patches for chatglm3/cpu/infer [modeling=glmport-fixture-chatglm3-2024-06 "
                                        "(imitates chatglm3-6b-2024-06)")
         assert f"{len(first.plan.to_apply)} applied: compat/compat-config-use-cache" in summaries[0]
         with pytest.raises(PatchError, match="is already patched \\(for cpu/infer\\) in this process"):
-            patch_session(info, cpu, "train")
+            patch_session(info, cpu, "train", registry=registry)
         with pytest.raises(PatchError, match="already patched"), patched_model(folder, "cpu", "infer"):
             pass
     finally:
         first.undo()
     first.undo()  # idempotent
-    second = patch_session(info, cpu, "train")
+    second = patch_session(info, cpu, "train", registry=registry)
     assert second.active and second.recorder.verify() == []
     second.undo()
     assert not second.active
@@ -404,8 +442,6 @@ def test_verify_after_build_detects_a_replaced_patch(model_dir):
 
 def _failing_registry(mode: str):
     """compat plus a set whose second patch breaks: the first one's replacement must be rolled back."""
-    from glmport.plugins import get_plugin_manager
-
     def fine(ctx):
         ctx.replace("RMSNorm.forward", lambda self, hidden_states: hidden_states)
 
@@ -417,7 +453,7 @@ def _failing_registry(mode: str):
         ctx.module.MLP.forward = lambda self, hidden_states: None  # not through the recorder
 
     registry = PatchRegistry()
-    registry.add(get_plugin_manager().patch_sets.sets["compat"])
+    registry.add(PluginManager(autoload=False).patch_sets.get("compat"))
     broken = boom if mode == "raises" else unstuck
     registry.add(PatchSet("broken", "", [
         _patch("fine", apply=fine),
@@ -430,13 +466,12 @@ def _failing_registry(mode: str):
                                            ("does-not-stick", "patches did not stick: MLP.forward \\(patch broken\\)")])
 def test_a_failing_patch_rolls_back_everything(model_dir, mode, message):
     from glmport.patching.session import patch_session
-    from glmport.plugins import get_plugin_manager
 
     folder = model_dir(CHATGLM3)
     modules = imported_modules(model_info(folder))
     before, flags = snapshot(modules), capture_state()
     with pytest.raises(PatchError, match=message):
-        patch_session(model_info(folder), get_plugin_manager().backends.get("cpu"), "train",
+        patch_session(model_info(folder), PluginManager(autoload=False).backends.get("cpu"), "train",
                       registry=_failing_registry(mode))
     # the compat patches applied before the broken one are undone too (even the write that bypassed the
     # recorder is gone: undo puts back what the recorder saw first)
@@ -446,7 +481,6 @@ def test_a_failing_patch_rolls_back_everything(model_dir, mode, message):
 
 def test_preflight_reports_every_missing_target_in_one_error(model_dir, tmp_path):
     from glmport.patching.session import load_modules, patch_session
-    from glmport.plugins import get_plugin_manager
 
     folder = copy_folder_linking_weights(model_dir(CHATGLM3), tmp_path / "renamed-targets")
     modeling = folder / "modeling_chatglm.py"
@@ -459,14 +493,15 @@ def test_preflight_reports_every_missing_target_in_one_error(model_dir, tmp_path
     info = model_info(folder)
     modules, _ = load_modules(info)
     before = snapshot(modules)
-    mlu = get_plugin_manager().backends.get("mlu")
+    manager = PluginManager(autoload=False)
+    mlu, registry = manager.backends.get("mlu"), manager.patch_sets
     with pytest.raises(PatchError) as refused:
-        patch_session(info, mlu, "train")
+        patch_session(info, mlu, "train", registry=registry)
     assert [p.what for p in refused.value.problems] == [
         f"unknown revision (sha256 {refused.value.problems[0].what.split('sha256 ')[1][:12]}...); known revisions of "
         "this file: chatglm3-6b-2023-12, chatglm3-6b-2024-06, chatglm3-6b-2024-08, glm-4-9b-chat-2024-07"]
     with pytest.raises(PatchError) as missing:
-        patch_session(info, mlu, "train", allow_unverified=True)
+        patch_session(info, mlu, "train", allow_unverified=True, registry=registry)
     whats = [p.what for p in missing.value.problems]
     assert len(whats) == 2, whats
     assert whats[0] == "patch torchscript-off: target apply_rotary_pos_emb does not exist in this revision"
@@ -491,7 +526,8 @@ def test_torchscript_patch_restores_the_flags_and_undo_puts_the_modules_back():
     module.apply_rotary_pos_emb = scripted
     restore_state(as_imported)  # what the remote module's import left behind
     recorder = PatchRecorder()
-    ctx = PatchContext(module, {"modeling": module}, recorder, None, "train", None, pre_import, "glm4")
+    ctx = PatchContext(module, {"modeling": module}, recorder, None, "train", None, pre_import, "glm4",
+                       torchscript.patch("glm4", requires=()))
     torchscript.apply(ctx)
     assert capture_state() == pre_import
     assert module.apply_rotary_pos_emb is torchscript.rotate_batch_first
@@ -505,28 +541,24 @@ FIRST_IMPORT_SCRIPT = textwrap.dedent('''
     import torch
     from glmport.modeling import inspect_model_dir
     from glmport.patching.session import capture_process_state, load_modules, patch_session
-    from glmport.plugins import get_plugin_manager
+    from glmport.patching.session import restore_process_state as restore
+    from glmport.plugins import PluginManager
 
-    def restore(state):
-        torch._C._jit_set_profiling_mode(state["jit_profiling_mode"])
-        torch._C._jit_set_profiling_executor(state["jit_profiling_executor"])
-        torch._C._jit_override_can_fuse_on_cpu(state["jit_fuse_cpu"])
-        torch._C._jit_override_can_fuse_on_gpu(state["jit_fuse_gpu"])
-
-    cpu = get_plugin_manager().backends.get("cpu")
+    manager = PluginManager(autoload=False)
+    cpu, registry = manager.backends.get("cpu"), manager.patch_sets
     first, planned = (inspect_model_dir(path) for path in sys.argv[1:3])
     states = {"before import": capture_process_state()}
-    session = patch_session(first, cpu, "infer")  # imports the module: the flags flip, the patch restores them
+    session = patch_session(first, cpu, "infer", registry=registry)  # imports: the flags flip, the patch restores them
     states["patched"] = capture_process_state()
     session.undo()
     states["undone"] = capture_process_state()
-    session = patch_session(first, cpu, "infer")  # the module is cached now
+    session = patch_session(first, cpu, "infer", registry=registry)  # the module is cached now
     states["patched again"] = capture_process_state()
     session.undo()
     restore(states["before import"])
     load_modules(planned)  # what `glmport patch plan` does: import (another folder) without patching
     states["planned"] = capture_process_state()
-    session = patch_session(planned, cpu, "infer")
+    session = patch_session(planned, cpu, "infer", registry=registry)
     states["patched after plan"] = capture_process_state()
     session.undo()
     print(json.dumps(states))
@@ -564,9 +596,10 @@ def test_session_after_a_plan_in_the_same_process_restores_the_flags(fresh_proce
 def test_load_model_without_a_tokenizer_config_says_what_is_missing(model_dir, tmp_path):
     from glmport.errors import GlmportError
     from glmport.modeling import load_model
-    from glmport.plugins import get_plugin_manager
 
     folder = copy_folder_linking_weights(model_dir(CHATGLM3), tmp_path / "no-tokenizer",
                                          skip=("tokenizer_config.json",))
     with pytest.raises(GlmportError, match="tokenizer_config.json"):
-        load_model(model_info(folder), get_plugin_manager().backends.get("cpu"), mode="infer", dtype=None)
+        manager = PluginManager(autoload=False)
+        load_model(model_info(folder), manager.backends.get("cpu"), mode="infer", dtype=None,
+                   patch_sets=manager.patch_sets)

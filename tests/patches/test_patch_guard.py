@@ -47,7 +47,7 @@ def test_training_steps_are_64bit_clean(source, model_dir):
     ids, mask = _left_padded(source.family, seed=2)
     with on_device("mlu"):
         mlu = backend("mlu")
-        assert mlu.availability().emulated and mlu.sixty_four_bit_policy().lacks_64bit
+        assert mlu.emulated and mlu.sixty_four_bit_policy().lacks_64bit
         batch = mlu.coerce({"input_ids": ids, "attention_mask": mask, "labels": labels_for(ids, mask)})
         assert {v.dtype for v in batch.values()} == {torch.int32}
         with patched_model(model_dir(source), "mlu", "train") as (model, session):

@@ -86,15 +86,16 @@ def test_native_revision_is_the_installed_transformers_major(monkeypatch, native
                         lambda name: "6.0.0" if name == "transformers" else real_version(name))
     assert identify_transformers().revision is None
     from glmport.patching.session import make_plan as engine_plan
-    from glmport.plugins import get_plugin_manager
+    from glmport.plugins import PluginManager
 
     info = model_info(native_dir("chatglm3"))
-    registry = get_plugin_manager().patch_sets
-    refused = engine_plan(info, "mlu", "train", registry)
+    manager = PluginManager(autoload=False)
+    registry, mlu = manager.patch_sets, manager.backends.get("mlu")
+    refused = engine_plan(info, mlu, "train", registry)
     assert [str(p) for p in refused.problems] == [
         "transformers: transformers 6.0.0 is outside the versions the native GLM patches were written for\n"
         "    -> install transformers 5.x, or pass --allow-unverified-patches"]
-    allowed = engine_plan(info, "mlu", "train", registry, allow_unverified=True)
+    allowed = engine_plan(info, mlu, "train", registry, allow_unverified=True)
     assert not allowed.problems and all(e.reason.startswith("UNVERIFIED revision") for e in allowed.to_apply)
 
 
@@ -168,20 +169,21 @@ def test_edited_file_is_refused_with_the_known_revisions(model_dir, tmp_path, fr
 
     rc = main(["patch", "plan", str(folder), "--backend", "mlu", "--mode", "train"])
     out = capsys.readouterr().out
-    assert rc == 1
+    assert rc == 2
     assert "UNKNOWN REVISION" in out and "REFUSED:" in out and ", ".join(KNOWN_MODELING) in out
     rc = main(["patch", "plan", str(folder), "--backend", "mlu", "--mode", "train", "--json"])
     data = json.loads(capsys.readouterr().out)
-    assert rc == 1 and len(data["problems"]) == 1 and data["files"]["modeling"]["revision"] is None
+    assert rc == 2 and len(data["problems"]) == 1 and data["files"]["modeling"]["revision"] is None
 
 
 def test_every_mismatch_is_reported_in_one_error(model_dir, tmp_path):
     folder = _edited_copy(model_dir, tmp_path, "modeling_chatglm.py", "tokenization_chatglm.py")
     from glmport.patching.session import patch_session
-    from glmport.plugins import get_plugin_manager
+    from glmport.plugins import PluginManager
 
     with pytest.raises(PatchError) as refused:
-        patch_session(model_info(folder), get_plugin_manager().backends.get("cpu"), "infer")
+        manager = PluginManager(autoload=False)
+        patch_session(model_info(folder), manager.backends.get("cpu"), "infer", registry=manager.patch_sets)
     problems = refused.value.problems
     assert [p.where.rsplit("/", 1)[-1] for p in problems] == ["modeling_chatglm.py", "tokenization_chatglm.py"]
     assert problems[1].what.endswith("known revisions of this file: chatglm3-6b-2023-12, chatglm3-6b-2024-06, "

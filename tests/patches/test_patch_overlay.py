@@ -20,11 +20,11 @@ from patchkit import (
     fixture_sources,
     make_plan,
     native_reference,
-    run_cli,
 )
 
 from glmport.errors import PatchError
 from glmport.patching import overlay
+from glmport.testing import ok, run_cli
 
 SOURCE = next(s for s in fixture_sources() if s.name == "chatglm3-2024-06")
 
@@ -62,8 +62,7 @@ LOAD_SCRIPT = textwrap.dedent('''
 def overlay_dir(model_dir, tmp_path_factory):
     folder = model_dir(SOURCE)
     out = tmp_path_factory.mktemp("overlays") / "cpu-infer"
-    result = run_cli("patch", "materialize", str(folder), str(out), "--backend", "cpu", "--mode", "infer")
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = ok(run_cli("patch", "materialize", str(folder), str(out), "--backend", "cpu", "--mode", "infer"))
     assert f"wrote overlay {out}" in result.stdout
     return folder, out
 

@@ -3,8 +3,9 @@
 The expected plans are written out below from the rules of patches/__init__.py and patches/compat.py:
 compat-checkpointing-hook only for ChatGLM3 2023-12, compat-gradient-checkpointing for the 2024 ChatGLM3
 files and GLM-4, compat-prefix-tokens for ChatGLM3 only, compat-cache-input for GLM-4 only,
-torchscript-off on cpu and mlu, attention-varlen on mlu train and cuda, attention-sdpa on mlu infer,
-label-row-loss when training on mlu or cuda, native-mlu for native folders on mlu only.
+and then the capability sets: no-torchscript on cpu and mlu (cuda runs TorchScript), int32 on mlu (no
+64-bit kernels; for native folders too), accelerator on mlu and cuda (attention and rotary table in both
+modes, label-row loss when training).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from patchkit import (
     fixture_sources,
     make_plan,
     plan_rows,
-    run_cli,
     source_params,
 )
+
+from glmport.testing import ok, run_cli
 
 A, S = "apply", "skip"
 
@@ -53,24 +55,23 @@ COMPAT = {
     ],
 }
 
+ACCELERATOR_INFER = [("accelerator", "attention-varlen", A), ("accelerator", "rotary-cache", A)]
+ACCELERATOR_TRAIN = ACCELERATOR_INFER + [("accelerator", "label-row-loss", A)]
 BACKEND_SETS = {
-    ("cpu", "infer"): [("cpu", "torchscript-off", A)],
-    ("cpu", "train"): [("cpu", "torchscript-off", A)],
-    ("cuda", "infer"): [("cuda-infer", "attention-varlen", A), ("cuda-infer", "rotary-cache", A)],
-    ("cuda", "train"): [("cuda-train", "attention-varlen", A), ("cuda-train", "rotary-cache", A),
-                        ("cuda-train", "label-row-loss", A)],
-    ("mlu", "infer"): [("mlu-infer", "torchscript-off", A), ("mlu-infer", "int32-positions", A),
-                       ("mlu-infer", "attention-sdpa", A)],
-    ("mlu", "train"): [("mlu-train", "torchscript-off", A), ("mlu-train", "int32-positions", A),
-                       ("mlu-train", "attention-varlen", A), ("mlu-train", "rotary-cache", A),
-                       ("mlu-train", "label-row-loss", A)],
+    ("cpu", "infer"): [("no-torchscript", "torchscript-off", A)],
+    ("cpu", "train"): [("no-torchscript", "torchscript-off", A)],
+    ("cuda", "infer"): ACCELERATOR_INFER,
+    ("cuda", "train"): ACCELERATOR_TRAIN,
+    ("mlu", "infer"): [("no-torchscript", "torchscript-off", A), ("int32", "int32-positions", A)] + ACCELERATOR_INFER,
+    ("mlu", "train"): [("no-torchscript", "torchscript-off", A), ("int32", "int32-positions", A)] + ACCELERATOR_TRAIN,
 }
 
+NATIVE_INT32 = [("int32", "native-mask32", A), ("int32", "native-positions32", A)]
 NATIVE = {
     ("cpu", "infer"): [], ("cpu", "train"): [],
     ("cuda", "infer"): [], ("cuda", "train"): [],
-    ("mlu", "infer"): [("native-mlu", "native-mask32", A), ("native-mlu", "native-positions32", A)],
-    ("mlu", "train"): [("native-mlu", "native-mask32", A), ("native-mlu", "native-positions32", A)],
+    ("mlu", "infer"): NATIVE_INT32,
+    ("mlu", "train"): NATIVE_INT32,
 }
 
 TOKENIZER_PATCHES = {"compat-tokenizer-pad", "compat-tokenizer-batch-encode-plus"}
@@ -125,26 +126,27 @@ def test_native_plan_table(backend, mode, native_dir):
 def test_cli_plan_in_a_subprocess(model_dir):
     source = next(s for s in fixture_sources() if s.family == "glm4")
     folder = model_dir(source)
-    out = run_cli("patch", "plan", str(folder), "--backend", "mlu", "--mode", "train", "--json")
-    assert out.returncode == 0, out.stderr
+    out = ok(run_cli("patch", "plan", str(folder), "--backend", "mlu", "--mode", "train", "--json", in_process=False))
     data = json.loads(out.stdout)
     assert [(p["set"], p["id"], p["status"]) for p in data["patches"]] == expected_rows(source, "mlu", "train")
     assert data["files"]["modeling"]["imitates"] == "glm-4-9b-chat-2024-07"
     varlen = next(p for p in data["patches"] if p["id"] == "attention-varlen")
     assert varlen["replaces"] == ["CoreAttention.forward", "SdpaAttention.forward", "ChatGLMModel.get_masks"]
-    assert varlen["why"].startswith("attention via variable-length kernel")
+    assert varlen["why"].startswith("attention via the variable-length kernel")
+    assert varlen["requires"] == ["accelerator"] and varlen["backends"] == "*"
 
 
-def test_cli_refused_plan_exits_1_and_says_refused(model_dir, tmp_path):
+def test_cli_refused_plan_exits_2_and_says_refused(model_dir, tmp_path):
     source = next(s for s in fixture_sources() if s.name == "chatglm3-2023-12")
     folder = copy_folder_linking_weights(model_dir(source), tmp_path / "edited")
     with open(folder / "modeling_chatglm.py", "a", encoding="utf-8") as handle:
         handle.write("\n# a local edit\n")
     out = run_cli("patch", "plan", str(folder), "--backend", "mlu", "--mode", "train")
-    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.returncode == 2, out.stdout + out.stderr
     assert "REFUSED:" in out.stdout and "unknown revision" in out.stdout
     assert "known revisions of this file: chatglm3-6b-2023-12, chatglm3-6b-2024-06" in out.stdout
-    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("mlu-train")]
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.strip().startswith(("no-torchscript", "int32", "accelerator"))]
     assert rows and all(row[2] == "refused" for row in rows)
 
 
@@ -167,5 +169,6 @@ def test_cli_plan_human_output_and_argument_errors(model_dir, fresh_plugin_manag
 
     assert main(["patch", "list"]) == 0
     listing = capsys.readouterr().out
-    for name in ("compat", "cpu", "mlu-infer", "mlu-train", "cuda-infer", "cuda-train", "native-mlu"):
+    for name in ("compat", "no-torchscript", "int32", "accelerator"):
         assert f"{name}: " in listing and "(from plugin patches)" in listing
+    assert "REQUIRES" in listing and "lacks-64bit" in listing
