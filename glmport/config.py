@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import enum
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class GlmportSettings:
     eval_samples: int = 50  # validation samples used per evaluation (upstream hard-codes 50)
     skip_invalid: bool = False  # skip bad records, listing each in OUTPUT_DIR/skipped_records.jsonl
     allow_unverified_patches: bool = False  # patch remote code whose revision is not in the manifest
+    trust_remote_code: bool | None = None  # None: run remote code only of a revision in the manifest
     plot: bool = True  # write loss.png at the end
     seed: int | None = None  # overrides training_args.seed
 
@@ -258,6 +260,30 @@ def _positive_int(data: dict, key: str, where, problems: list[Problem], required
     return value
 
 
+def _check_training_numbers(args: dict, where, problems: list[Problem]) -> None:
+    """Values of the right type that still cannot make a run (transformers takes max_steps: 0 and trains
+    nothing, and a negative learning rate fails in the optimizer once the model is loaded)."""
+    steps = args.get("max_steps", -1)
+    if steps == 0 or steps < -1:
+        problems.append(Problem(where("training_args.max_steps"), f"training_args.max_steps: {steps} trains nothing",
+                                "give the number of optimizer steps (1 or more), or -1 to train for "
+                                "training_args.num_train_epochs"))
+    elif steps == -1:
+        epochs = args.get("num_train_epochs", 3.0)
+        if not (math.isfinite(epochs) and epochs > 0):
+            problems.append(Problem(where("training_args.num_train_epochs"),
+                                    f"training_args.num_train_epochs: {epochs} trains nothing (max_steps is -1, so "
+                                    "the epochs decide how long the run is)",
+                                    "give a number of epochs above 0, or set training_args.max_steps"))
+    for key, least in (("learning_rate", 0), ("weight_decay", 0), ("warmup_steps", 0),
+                       ("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
+                       ("gradient_accumulation_steps", 1)):
+        value = args.get(key)
+        if value is not None and not (math.isfinite(value) and value >= least):
+            dotted = f"training_args.{key}"
+            problems.append(Problem(where(dotted), f"{dotted}: {value}: must be {least} or more"))
+
+
 def load_run_config(
     path: str | Path,
     overrides: list[str] | None = None,
@@ -266,20 +292,55 @@ def load_run_config(
     model_dir: str | Path | None = None,
 ) -> RunConfig:
     """Read, override and validate a config. ``data_dir``/``model_dir`` are the upstream positional
-    arguments (they win over ``glmport.data_dir``/``glmport.model_dir``)."""
+    arguments (they win over ``glmport.data_dir``/``glmport.model_dir``). Every problem is raised in one
+    :class:`ConfigError`; the warnings (legacy keys) are logged."""
+    config, problems = read_run_config(path, overrides, data_dir=data_dir, model_dir=model_dir)
+    raise_problems(config, problems)
+    log_warnings(config)
+    return config
+
+
+def raise_problems(config: RunConfig, problems: list[Problem]) -> None:
+    if problems:
+        raise ConfigError(f"{config.path}: {len(problems)} problem(s) in the configuration", problems)
+
+
+def log_warnings(config: RunConfig) -> None:
+    for message in config.warnings:
+        log.warning(message)
+
+
+def read_run_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    model_dir: str | Path | None = None,
+) -> tuple[RunConfig, list[Problem]]:
+    """Read, override and check a config: the config (keys with problems left out) and every problem found,
+    for callers that add problems of their own (the backend) before raising them together. A file that
+    cannot be read or parsed raises a :class:`ConfigError` at once."""
     path = Path(path)
     data, lines = load_yaml(path)
-    origins = apply_overrides(data, list(overrides or []), lines)
+    problems: list[Problem] = []
+    origins = apply_overrides(data, list(overrides or []), lines, problems)
 
     def where(key: str) -> str:
-        if key in origins:
-            return origins[key]
+        """``file:line`` of ``key``, or the override that set it (or set a key below it); else the nearest
+        enclosing key's."""
         parts = key.split(".")
-        while parts and ".".join(parts) not in lines:
+        while parts:
+            dotted = ".".join(parts)
+            if dotted in origins:
+                return origins[dotted]
+            if dotted in lines:
+                return f"{path}:{lines[dotted]}"
+            below = next((origin for k, origin in origins.items() if k.startswith(dotted + ".")), None)
+            if below is not None:
+                return below
             parts.pop()
-        return f"{path}:{lines['.'.join(parts)]}" if parts else str(path)
+        return str(path)
 
-    problems: list[Problem] = []
     warnings: list[str] = []
     for key in data:
         if key not in TOP_LEVEL_KEYS:
@@ -316,6 +377,7 @@ def load_run_config(
     max_in = _positive_int(data, "max_input_length", where, problems)
     max_out = _positive_int(data, "max_output_length", where, problems)
     training_args = _training_args(section("training_args"), where, problems, warnings)
+    _check_training_numbers(training_args, where, problems)
     peft = _peft_config(data.get("peft_config"), where, problems)
     for flag in ("combine", "freezeV"):
         if flag in data and not isinstance(data[flag], bool):
@@ -333,11 +395,10 @@ def load_run_config(
         where={k: where(k) for k in set(lines) | set(origins)},
     )
     _check_files(config, problems)
-    if problems:
-        raise ConfigError(f"{path}: {len(problems)} problem(s) in the configuration", problems)
-    for message in warnings:
-        log.warning(message)
-    return config
+    return config, problems
+
+
+EXAMPLE_FILES = {"train": "train.jsonl", "val": "dev.jsonl", "test": "test.jsonl"}
 
 
 def _check_files(config: RunConfig, problems: list[Problem]) -> None:
@@ -345,12 +406,14 @@ def _check_files(config: RunConfig, problems: list[Problem]) -> None:
     generated = bool(config.glmport.synthetic_data)
     for split in ("train", "val", "test"):
         name = getattr(config.data_config, f"{split}_file")
-        if not name or generated:
+        if not name:
             continue
-        file = config.data_dir / name
-        if not file.is_file():
-            problems.append(Problem(config.locate(f"data_config.{split}_file"),
-                                    f"data_config.{split}_file: {file} does not exist",
+        key, file = f"data_config.{split}_file", config.data_dir / name
+        if file.is_dir():
+            problems.append(Problem(config.locate(key), f"{key}: {file} is a folder; a data file is expected",
+                                    f"name a .jsonl or .json file inside it ({key}: {Path(name) / EXAMPLE_FILES[split]}, say)"))
+        elif not generated and not file.is_file():
+            problems.append(Problem(config.locate(key), f"{key}: {file} does not exist",
                                     "check the path; data files are relative to DATA_DIR (or glmport.data_dir, "
                                     "or the config file's folder)"))
     if config.model_dir is None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glmport.errors import ModelError
+from glmport.errors import ModelError, PatchError, Problem
 
 log = logging.getLogger("glmport")
 
@@ -101,12 +101,85 @@ def resolve_dtype(requested: str, backend, family: str, method: str):
     return dtype, None
 
 
-def load_model(info: ModelInfo, backend, *, mode: str, dtype, allow_unverified: bool = False,
-               config_overrides: dict | None = None) -> LoadedModel:
-    """Load tokenizer and model from ``info.path`` for ``mode`` (``train``/``infer``) on ``backend``."""
+@dataclass(frozen=True)
+class RemoteCodeConsent:
+    """The user's say on running a remote-code folder's Python files, and how the command takes it.
+
+    ``trust``: None (the default) runs the files only when glmport's manifest knows their revision (sha256);
+    True runs any (an unknown revision also needs ``allow_unverified`` to be patched); False runs none.
+    ``source`` says where a False came from (a flag, or a config file's line); ``config_keys`` says the
+    command also reads ``glmport.*`` keys from a config (``glmport train``), so messages offer them too.
+    """
+
+    trust: bool | None = None
+    allow_unverified: bool = False
+    source: str = "--no-trust-remote-code"
+    config_keys: bool = False
+
+    def ask_for(self, *flags: str) -> str:
+        """``pass --a --b (or set glmport.a: true and glmport.b: true)``: how to say yes in this command."""
+        text = "pass " + " ".join(f"--{flag}" for flag in flags)
+        if self.config_keys:
+            text += " (or set " + " and ".join(f"glmport.{flag.replace('-', '_')}: true" for flag in flags) + ")"
+        return text
+
+
+def check_remote_code(info: ModelInfo, consent: RemoteCodeConsent):
+    """Refuse a remote-code folder whose code the user has not agreed to run, before anything of it is
+    imported; return its files' identities (``glmport.patching.manifest.FileIdentity``). Native folders
+    run no code of their own: nothing to check."""
+    from glmport.patching.manifest import describe_files, identify_remote_folder
+
+    if info.kind != "remote":
+        return {}
+    files = identify_remote_folder(info.path)
+    if consent.trust is False:
+        code = f"{info.path} holds remote code ({describe_files(files)}), which runs when the model loads"
+        flag = consent.source.startswith("--")
+        raise ModelError(f"{info.path}: the model's remote code is not trusted, so it cannot be loaded", [Problem(
+            consent.source, code if flag else f"glmport.trust_remote_code is false, and {code}",
+            f"{'leave out ' + consent.source if flag else 'remove glmport.trust_remote_code: false'} to run it "
+            "(by default glmport runs only revisions its manifest knows), or use a native GLM folder "
+            "(model_type glm), which brings no code")])
+    unknown = [f for f in files.values() if f.sha256 is not None and not f.known]
+    if unknown and consent.trust is not True:
+        flags = ("trust-remote-code",) if consent.allow_unverified else ("allow-unverified-patches", "trust-remote-code")
+        raise ModelError(
+            f"{info.path}: remote code of a revision glmport does not know; it runs only with your consent",
+            [Problem(str(f.path), f"sha256 {f.sha256[:12]}... is not a revision glmport knows (the file was edited, "
+                                  "or is from a release newer than glmport's manifest)",
+                     f"read it, then {consent.ask_for(*flags)} to run and patch it anyway") for f in unknown])
+    return files
+
+
+def preflight(info: ModelInfo, backend, mode: str, patch_sets, consent: RemoteCodeConsent):
+    """What can be checked without importing anything from the folder: consent to run its code, and that
+    every file's revision can be patched for ``backend``/``mode``. Returns the remote files' identities."""
+    from glmport.patching.session import make_plan
+
+    files = check_remote_code(info, consent)
+    plan = make_plan(info, backend, mode, patch_sets, allow_unverified=consent.allow_unverified)
+    if plan.problems:
+        raise PatchError(f"cannot patch {info.path} for backend {backend.name}, mode {mode}", plan.problems)
+    return files
+
+
+def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_unverified: bool = False,
+               config_overrides: dict | None = None, consent: RemoteCodeConsent | None = None) -> LoadedModel:
+    """Load tokenizer and model from ``info.path`` for ``mode`` (``train``/``infer``) on ``backend``, with
+    the patches ``patch_sets`` (the caller's ``manager.patch_sets``) selects.
+
+    Remote code runs only as ``consent`` allows (default: of a revision in glmport's manifest); one log
+    line names each file, its sha256 and the revision it matched before it is imported."""
+    from glmport.patching.manifest import describe_files
     from glmport.patching.session import patch_session
 
-    session = patch_session(info, backend, mode, allow_unverified=allow_unverified)
+    consent = consent or RemoteCodeConsent(allow_unverified=allow_unverified)
+    files = preflight(info, backend, mode, patch_sets, consent)
+    if files:
+        unverified = any(f.sha256 is not None and not f.known for f in files.values())
+        (log.warning if unverified else log.info)("running the model's remote code: %s", describe_files(files))
+    session = patch_session(info, backend, mode, registry=patch_sets, allow_unverified=consent.allow_unverified)
     try:
         if info.kind == "native":
             model, tokenizer = _load_native(info, dtype, config_overrides)

@@ -26,6 +26,9 @@ def add_parser(subparsers, common) -> None:
 
     p = commands.add_parser("check", parents=[common], help="validate every record; token lengths and truncation")
     p.add_argument("file", metavar="FILE", help="a .jsonl or .json data file")
+    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model folder's tokenizer code even when glmport does not know its revision "
+                        "(known revisions run by default; --no-trust-remote-code runs none)")
     p.add_argument("--model", metavar="DIR", help="model folder whose tokenizer counts the tokens "
                    "(without it: a tokenizer built on the spot, one token per character)")
     p.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="record format (default: detected from the keys)")
@@ -83,10 +86,19 @@ def _tokenizer(args, conversations):
         if not Path(args.model).is_dir():
             raise ModelError(f"--model {args.model}: no such folder", [Problem(
                 "--model", f"{args.model} is not a folder", "give the folder of a ChatGLM3 / GLM-4 model")])
+        info = None
+        if (Path(args.model) / "config.json").is_file():
+            from glmport.modeling import RemoteCodeConsent, check_remote_code, inspect_model_dir
+
+            info = inspect_model_dir(Path(args.model))
+            # the tokenizer of a remote-code folder is Python from the folder: the same consent as training
+            check_remote_code(info, RemoteCodeConsent(trust=args.trust_remote_code,
+                                                      allow_unverified=args.trust_remote_code is True))
         try:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(args.model, trust_remote_code=True), False
+            trusted = info is not None and info.kind == "remote"
+            return AutoTokenizer.from_pretrained(args.model, trust_remote_code=trusted), False
         except Exception as exc:  # any failure to load is the same message to the user
             raise ModelError(f"cannot load a tokenizer from {args.model}", [Problem(
                 "--model", f"{args.model}: {type(exc).__name__}: {exc}",

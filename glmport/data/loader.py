@@ -25,9 +25,9 @@ from glmport.data.formats import (
 )
 from glmport.data.records import Conversation
 from glmport.errors import DataError, Problem
+from glmport.train.outputs import SKIPPED_RECORDS
 
 MAX_LISTED = 20  # problems listed in one error; the rest are counted
-SKIP_REPORT = "skipped_records.jsonl"
 
 
 class Skipped(NamedTuple):
@@ -87,7 +87,7 @@ def write_skip_report(result: LoadResult | list[LoadResult], out_dir) -> Path:
         json.dumps({"source": s.source, "reason": s.reason, "record": s.raw_text}, ensure_ascii=False) + "\n"
         for r in results for s in r.skipped
     ]
-    return write_text_atomically(Path(out_dir) / SKIP_REPORT, "".join(lines))
+    return write_text_atomically(Path(out_dir) / SKIPPED_RECORDS, "".join(lines))
 
 
 def write_text_atomically(target: Path, text: str) -> Path:

@@ -101,6 +101,20 @@ def identify_remote_folder(model_dir: Path) -> dict[str, FileIdentity]:
     return {key: identify_file(key, Path(model_dir) / name) for key, name in REMOTE_FILES.items()}
 
 
+def describe_files(files: dict[str, FileIdentity]) -> str:
+    """One line naming each file present, its sha256 prefix and the revision it matched:
+    ``modeling_chatglm.py sha256 440d89faea5c = chatglm3-6b-2023-12, ...``."""
+    parts = []
+    for identity in files.values():
+        if identity.path is None or identity.sha256 is None:
+            continue
+        revision = identity.revision or "NOT IN THE MANIFEST"
+        if identity.imitates:
+            revision += f" (imitates {identity.imitates})"
+        parts.append(f"{identity.path.name} sha256 {identity.sha256[:12]} = {revision}")
+    return ", ".join(parts)
+
+
 def identify_transformers() -> FileIdentity:
     """Native GLM: the code is transformers' own; its version is the revision."""
     from importlib.metadata import version

@@ -93,7 +93,10 @@ def used_token_ids(layout: SpecialLayout, seed_text: str) -> list[int]:
 def build_native(target: Path, *, family: str = "chatglm3", seed: int = 0, seed_text: str = "", **shape) -> None:
     layout = _layout(family)
     model = native_model(TinyShape(**shape), layout, seed, used_token_ids(layout, seed_text))
+    # the generation config names the same special ids as the tokenizer, so transformers has nothing to
+    # align (and no warning to print) when the model is loaded for training or generation
     model.generation_config.pad_token_id = model.config.pad_token_id
+    model.generation_config.bos_token_id = model.config.bos_token_id
     model.generation_config.eos_token_id = _chat_eos_ids(layout)
     model.save_pretrained(str(target))
     save_fast_tokenizer(target, layout, seed_text)

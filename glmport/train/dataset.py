@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from datasets import Dataset
+
+from glmport.data.loader import Skipped, invalid_records_error, write_skip_report
+from glmport.errors import DataError, Problem
+
 log = logging.getLogger("glmport")
 
 
@@ -41,9 +47,6 @@ def _each_sample(result, encode, skip_invalid: bool):
     """Yield ``encode(conv)`` for every conversation. A conversation the template cannot encode (no
     label left within the budget, ...) is an error listing all of them, or, with skip_invalid, a skipped
     record in the report."""
-    from glmport.data.loader import Skipped, invalid_records_error
-    from glmport.errors import DataError, Problem
-
     problems = []
     for conv in result.conversations:
         try:
@@ -86,10 +89,6 @@ def _eval_rows(result, template, max_in: int, max_out: int, cap: int | None, sta
 
 def build_datasets(run_config, template, output_dir: Path, records: dict) -> Datasets:
     """Tokenize every split already read by :func:`glmport.data.loader.load_conversations`."""
-    from datasets import Dataset
-
-    from glmport.data.loader import write_skip_report
-
     settings = run_config.glmport
     stats: dict[str, SplitStats] = {}
     skipped_results = []
@@ -140,15 +139,13 @@ class Collator:
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict:
-        import torch
-
         if "prompt_ids" in features[0]:
             return self._eval_batch(features)
         ids = [list(f["input_ids"]) for f in features]
         labels = [list(f["labels"]) for f in features]
-        return self._causal_batch(ids, labels, torch)
+        return self._causal_batch(ids, labels)
 
-    def _causal_batch(self, ids, labels, torch) -> dict:
+    def _causal_batch(self, ids, labels) -> dict:
         lengths = [len(r) for r in ids]
         ids = _pad(ids, self.pad_token_id)
         labels = _pad(labels, -100)
@@ -163,14 +160,11 @@ class Collator:
         }
 
     def _eval_batch(self, features: list[dict]) -> dict:
-        import torch
-
         prompts = [list(f["prompt_ids"]) for f in features]
         outputs = [list(f["output_ids"]) for f in features]
         batch = self._causal_batch(
             [p + o for p, o in zip(prompts, outputs)],
             [[-100] * len(p) + o for p, o in zip(prompts, outputs)],
-            torch,
         )
         lengths = [len(p) for p in prompts]
         width = max(lengths)

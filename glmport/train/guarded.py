@@ -3,7 +3,8 @@
 Generation calls the model's forward once per new token from transformers' loop; those inputs (token ids
 from ``argmax``, cache positions) are int64 by torch's rules. Wrapping the forward narrows them like any
 other batch, runs the backend's compute context and, when asked, the 64-bit guard, so "the step is
-64-bit clean" covers generation too.
+64-bit clean" covers generation too. :func:`guard_mode_for` is how ``glmport train`` and ``glmport infer``
+turn their ``guard_64bit`` setting into a mode.
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ import contextlib
 import functools
 
 from glmport.guard import sixty_four_bit_guard
+
+
+def guard_mode_for(setting: str, backend) -> str | None:
+    """The 64-bit guard mode for a ``guard_64bit`` setting (``glmport.guard_64bit``, ``--guard-64bit``):
+    ``None`` (off), ``"report"`` or ``"error"``; ``auto`` is ``"error"`` on an emulated device, else off."""
+    if setting == "off":
+        return None
+    if setting == "report":
+        return "report"
+    if setting == "on":
+        return "error"
+    return "error" if backend.emulated else None  # auto
 
 
 def innermost_model(model):

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+import torch.nn.functional as F
+
 CHUNK_ROWS = 4096
 
 
@@ -42,8 +45,6 @@ def output_layer_slot(model):
 def hidden_states_as_logits(model):
     """Within the block the model's forward returns final hidden states where it returned logits;
     yields the real output layer."""
-    import torch
-
     owner, name = output_layer_slot(model)
     head = getattr(owner, name)
     setattr(owner, name, torch.nn.Identity())
@@ -55,9 +56,6 @@ def hidden_states_as_logits(model):
 
 def label_loss_sum(hidden, labels, head):
     """Sum of token losses predicting ``labels[:, 1:]`` from ``hidden[:, :-1]``, and the token count."""
-    import torch
-    import torch.nn.functional as F
-
     targets = labels[:, 1:]
     keep = targets != -100
     rows = hidden[:, :-1][keep]

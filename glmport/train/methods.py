@@ -17,6 +17,10 @@ P-Tuning v2:
 from __future__ import annotations
 
 import logging
+import warnings
+
+import torch
+from peft import get_peft_config, get_peft_model
 
 from glmport.errors import ConfigError
 
@@ -42,8 +46,6 @@ def prefix_config_overrides(info, peft_config) -> dict:
 
 
 def _linear_names(model) -> set[str]:
-    import torch
-
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
@@ -57,8 +59,6 @@ def _geometry(config) -> tuple[int, int, int]:
 
 def apply_method(model, info, method: str, peft_config: dict | None, backend=None, where: str = "peft_config"):
     """Wrap or freeze ``model`` for ``method``; returns the model to train."""
-    import torch
-
     if method == "sft":
         model.requires_grad_(True)
         model.float()  # fp32 master weights; half precision comes from autocast
@@ -68,8 +68,6 @@ def apply_method(model, info, method: str, peft_config: dict | None, backend=Non
         encoder = model.transformer.prefix_encoder
         encoder.float().requires_grad_(True)
         return model
-
-    from peft import get_peft_config, get_peft_model
 
     settings = {k: v for k, v in peft_config.items()}
     settings.setdefault("task_type", "CAUSAL_LM")
@@ -95,7 +93,10 @@ def apply_method(model, info, method: str, peft_config: dict | None, backend=Non
                 f"do not match this model's key/value heads ({kv} heads x {head_dim} = {kv * head_dim}); "
                 "remove them and glmport fills them in"
             )
-    peft_model = get_peft_model(model, get_peft_config(settings))
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question about checkpointing; nothing a user can act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, get_peft_config(settings))
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

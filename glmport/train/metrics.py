@@ -9,6 +9,8 @@ reference scores 0 instead of raising (``rouge_chinese`` raises ``ValueError`` o
 
 from __future__ import annotations
 
+import numpy as np
+
 from glmport.errors import GlmportError
 
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
@@ -52,8 +54,6 @@ def score_texts(predictions: list[str], references: list[str]) -> dict[str, floa
 
 def make_compute_metrics(tokenizer, pad_token_id: int):
     """A ``compute_metrics`` for the Trainer: decodes generated ids and references, then scores them."""
-    import numpy as np
-
     _require()
 
     def compute_metrics(eval_prediction) -> dict[str, float]:

@@ -1,120 +1,31 @@
-"""After training: publish the result atomically, predict the test split, plot, and summarize."""
+"""The end of a run: the loss plot, ``run_summary.json`` and the summary block printed for the user."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 from glmport.train.callbacks import format_duration
+from glmport.train.faults import write_faults
+from glmport.train.outputs import LOSS_PLOT, RESULT_DIR, SUMMARY_FILE, write_json_atomic
 from glmport.train.plot import write_loss_plot
-from glmport.train.run import RESULT_DIR, SUMMARY_FILE, TrainingRun, remove_tree, write_json_atomic
-
-log = logging.getLogger("glmport")
-
-REMOTE_CODE = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py", "quantization.py")
-
-
-def _save_model(run: TrainingRun, staging: Path) -> str:
-    from glmport.train.methods import uses_own_prefix_encoder
-
-    info, trainer = run.loaded.info, run.trainer
-    if uses_own_prefix_encoder(info, run.config.peft_config):
-        from safetensors.torch import save_file
-
-        # through accelerate, so weights sharded by DeepSpeed/FSDP are gathered first
-        state = trainer.accelerator.get_state_dict(trainer.model)
-        marker = "transformer.prefix_encoder."
-        encoder = {k.split(marker, 1)[1]: v.detach().cpu().contiguous() for k, v in state.items() if marker in k}
-        save_file(encoder, str(staging / "prefix_encoder.safetensors"))
-        return "prefix-encoder"
-    trainer.save_model(str(staging))
-    if run.config.method == "sft" and info.kind == "remote":
-        for name in REMOTE_CODE:  # the folder loads by path like the original (patches are applied at load)
-            if (info.path / name).is_file():
-                shutil.copyfile(info.path / name, staging / name)
-    return "adapter" if run.config.method != "sft" else "full-model"
-
-
-def publish_result(run: TrainingRun) -> Path:
-    """Write the trained result to OUTPUT_DIR/final in one rename: it exists complete or not at all."""
-    final = run.output_dir / RESULT_DIR
-    staging = run.output_dir / f".{RESULT_DIR}.partial"
-    remove_tree(staging)
-    staging.mkdir(parents=True)
-    content = _save_model(run, staging)
-    try:
-        run.loaded.tokenizer.save_pretrained(str(staging))
-    except Exception as exc:  # a remote tokenizer that cannot save must not lose the trained weights
-        log.warning("the tokenizer could not be saved with the result (%s); load it from the base model", exc)
-    info = run.loaded.info
-    write_json_atomic(staging / "glmport_result.json", {
-        "content": content,
-        "method": run.config.method,
-        "peft_config": run.config.peft_config,
-        "base_model": str(info.path),
-        "model_kind": info.kind,
-        "model_family": info.family,
-        "template": run.template.name,
-        "combine": run.config.combine,
-        "backend": run.backend.name,
-        "dtype": str(run.loaded.dtype).replace("torch.", ""),
-        "patches": run.loaded.patches.summary() if run.loaded.patches else None,
-        "global_step": run.trainer.state.global_step,
-    })
-    old = run.output_dir / f".{RESULT_DIR}.old"
-    remove_tree(old)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    remove_tree(old)
-    return final
-
-
-def write_predictions(run: TrainingRun) -> Path:
-    """Predict the test split and write every prediction next to its reference (upstream wrote none)."""
-    import numpy as np
-
-    trainer, tokenizer = run.trainer, run.loaded.tokenizer
-    trainer.force_generate = True  # predictions are the point here, whatever predict_with_generate says
-    try:
-        output = trainer.predict(run.datasets.test, metric_key_prefix="test")
-    finally:
-        trainer.force_generate = False
-    path = run.output_dir / "predictions.jsonl"
-    tmp = path.with_name(path.name + ".partial")
-    rows = run.datasets.test
-    with open(tmp, "w", encoding="utf-8") as out:
-        predictions = output.predictions if output.predictions is not None else []
-        for index, predicted in enumerate(predictions):
-            row = rows[index]
-            predicted = np.where(np.asarray(predicted) < 0, run.template.pad_token_id, predicted)
-            out.write(json.dumps({
-                "source": row.get("source", ""),
-                "prompt": tokenizer.decode(row["prompt_ids"], skip_special_tokens=True),
-                "prediction": tokenizer.decode(predicted.tolist(), skip_special_tokens=True),
-                "reference": tokenizer.decode(row["output_ids"], skip_special_tokens=True),
-            }, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    run.notes.append("test: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in output.metrics.items()
-                                          if isinstance(v, float) and not k.endswith(("runtime", "per_second"))))
-    return path
+from glmport.train.state import TrainingRun
 
 
 def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: Path | None) -> dict:
+    """Plot the loss, write ``run_summary.json``, print the summary block; returns what the file holds."""
     trainer = run.trainer
     history = trainer.state.log_history
     losses = [e["loss"] for e in history if "loss" in e]
     evals = [e for e in history if "eval_loss" in e]
     train_metrics = next((e for e in reversed(history) if "train_runtime" in e), {})
-    runtime = train_metrics.get("train_runtime") or (time.time() - started)
+    runtime = (train_metrics.get("train_runtime") or (time.time() - started)) if run.trained_steps else None
     plot = None
     if run.config.glmport.plot:
         title = f"glmport {run.config.method} - {run.loaded.info.path.name} on {run.backend.name}"
-        plot = write_loss_plot(history, run.output_dir / "loss.png", title)
+        with _faults(run, LOSS_PLOT):
+            plot = write_loss_plot(history, run.output_dir / LOSS_PLOT, title)
     memory = run.backend.memory_stats()
     stats = {split: vars(s) for split, s in run.datasets.stats.items()}
     guard = trainer.guard_report
@@ -125,17 +36,19 @@ def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: P
         "model_family": run.loaded.info.family,
         "backend": run.backend.name,
         "backend_how": run.selection.how,
-        "emulated": run.backend.availability().emulated,
+        "emulated": run.backend.emulated,
         "dtype": str(run.loaded.dtype).replace("torch.", ""),
         "patches": run.loaded.patches.summary() if run.loaded.patches else None,
         "steps": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
+        "trained_steps": run.trained_steps,  # by this process; 0 when a finished checkpoint was published
+        "history": trainer.identity.history(trainer.state.global_step),  # which steps ran on what
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {},
         "train_runtime_s": runtime,
-        "tokens_per_second": trainer.tokens_seen / runtime if runtime else None,
+        "tokens_per_second": trainer.tokens_seen / runtime if runtime else None,  # this process's steps
         "tokens_seen": trainer.tokens_seen,
         "label_tokens_seen": trainer.label_tokens_seen,
         "peak_memory_bytes": memory.peak,
@@ -150,9 +63,17 @@ def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: P
         "notes": run.notes,
         "wall_time_s": time.time() - started,
     }
-    write_json_atomic(run.output_dir / SUMMARY_FILE, summary)
+    with _faults(run, SUMMARY_FILE):
+        write_json_atomic(run.output_dir / SUMMARY_FILE, summary)
     print(render_summary(summary), flush=True)
     return summary
+
+
+def _faults(run: TrainingRun, name: str):
+    """A full disk here fails the run clearly: the result is published, but without a summary the run is not
+    complete (``run_summary.json`` is written last)."""
+    return write_faults(name, run.output_dir / name, run.output_dir, resume_flag=run.request.resume_flag,
+                        left=f"the result in {run.output_dir / RESULT_DIR} is complete; {SUMMARY_FILE} was not written")
 
 
 def render_summary(s: dict) -> str:
@@ -165,19 +86,25 @@ def render_summary(s: dict) -> str:
         "=" * 72,
         f"glmport train: {s['method']} on {s['model_kind']} {s['model_family']} model, backend {backend}, {s['dtype']}",
         f"  model      {s['model']}",
-        f"  steps      {s['steps']}/{s['max_steps']}" + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else ""),
+        f"  steps      {s['steps']}/{s['max_steps']}" + _resumed(s),
         f"  loss       {fmt(s['first_loss'])} -> {fmt(s['last_loss'])}",
     ]
     if s["eval"]:
         lines.append("  eval       " + ", ".join(f"{k} {fmt(v)}" for k, v in s["eval"].items()
                                                if not k.endswith(("runtime", "per_second"))))
-    tps = s["tokens_per_second"]
-    lines.append(f"  speed      {fmt(tps, ',.0f')} tokens/s over {format_duration(s['train_runtime_s'])}; "
-                 f"peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    if s["train_runtime_s"]:
+        lines.append(f"  speed      {fmt(s['tokens_per_second'], ',.0f')} tokens/s over "
+                     f"{format_duration(s['train_runtime_s'])}; peak memory {s['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    if len({(h["backend"], h["dtype"]) for h in s["history"]}) > 1 or (s["resumed_from"] and s["history"]):
+        lines.append("  trained    " + "; ".join(
+            f"steps {h['from_step']}-{h['to_step']} on {h['backend']}{' (emulated)' if h['emulated'] else ''} "
+            f"{h['dtype']}" for h in s["history"]))
     guard = s["guard_64bit"]
     if guard["mode"]:
-        verdict = "clean" if not guard["leaks"] else f"{len(guard['leaks'])} leak(s) listed in run_summary.json"
-        lines.append(f"  64-bit     guard {guard['mode']}: {guard['ops_checked']:,} ops checked, {verdict}")
+        how = "stops at the first leak" if guard["mode"] == "error" else "lists every leak"
+        verdict = "no 64-bit tensor reached a compute op" if not guard["leaks"] else \
+            f"{len(guard['leaks'])} leak(s), listed in {SUMMARY_FILE}"
+        lines.append(f"  64-bit     guard on ({how}): {guard['ops_checked']:,} ops checked, {verdict}")
     if s["patches"]:
         lines.append(f"  patches    {s['patches']}")
     train = s["data"].get("train", {})
@@ -193,3 +120,10 @@ def render_summary(s: dict) -> str:
         lines.append(f"  note       {note}")
     lines.append("=" * 72)
     return "\n".join(lines)
+
+
+def _resumed(s: dict) -> str:
+    if not s["resumed_from"]:
+        return ""
+    trained = f"{s['trained_steps']} trained now" if s["trained_steps"] else "nothing left to train"
+    return f" (resumed from {s['resumed_from']}; {trained})"

@@ -7,25 +7,35 @@ What it changes, and why:
 * the loss is computed here (:mod:`glmport.train.loss`) instead of by the model, normalized over all
   label tokens of the accumulated batch;
 * evaluation computes the eval loss on the full sequence and generates from the left-padded prompt;
-* checkpoints are marked complete only after every file is written (see :mod:`glmport.train.resume`).
+* checkpoints are marked complete only after every file is written (see :mod:`glmport.train.resume`);
+* a step whose loss is NaN/inf stops the run, and :meth:`GlmTrainer.raise_if_diverged` keeps it from
+  publishing anything.
 
 No second training loop: the Trainer's own loop, scheduler, accumulation, logging and saving are used.
+:func:`build_trainer` assembles it for a run: arguments, collator, metrics, progress and plugin callbacks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import time
 from pathlib import Path
 
 import torch
 from transformers import Seq2SeqTrainer
+from transformers.trainer_callback import PrinterCallback
 
+from glmport.errors import TrainingDiverged
 from glmport.guard import GuardReport, sixty_four_bit_guard
+from glmport.train.arguments import generation_config, training_arguments
+from glmport.train.callbacks import MetricsLog, ProgressCallback
+from glmport.train.checkpoints import RunIdentity, rotate, write_manifest
+from glmport.train.dataset import Collator
+from glmport.train.faults import write_faults
+from glmport.train.guarded import guarded_forward
 from glmport.train.loss import model_loss_sum
-from glmport.train.resume import MARKER
+from glmport.train.metrics import make_compute_metrics
+from glmport.train.outputs import CHECKPOINT_MARKER, METRICS_FILE, WRITING_MARKER, checkpoint_name
+from glmport.train.state import TrainingRun
 
 GEN_KEYS = ("gen_input_ids", "gen_attention_mask", "gen_output_ids")
 
@@ -40,6 +50,8 @@ class GlmTrainer(Seq2SeqTrainer):
         self.first_nonfinite_step: int | None = None  # a diverged run stops and publishes nothing
         self.force_generate = False  # test-split predictions generate even without predict_with_generate
         self.label_tokens_seen = 0
+        self.identity = RunIdentity()  # what checkpoint manifests record about the run (set by the recipe)
+        self.resume_flag = "--resume"  # how the user asks to resume, for the message of a failed save
         # Let the Trainer count label tokens across the accumulated batch and hand us the total.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
@@ -96,6 +108,15 @@ class GlmTrainer(Seq2SeqTrainer):
             self.control.should_training_stop = True
         return loss
 
+    def raise_if_diverged(self) -> None:
+        """After ``train()``: a run whose loss became NaN/inf publishes nothing."""
+        if self.first_nonfinite_step is not None:
+            raise TrainingDiverged(
+                f"the training loss became NaN/inf at step {self.first_nonfinite_step}; stopped without publishing "
+                "a result or a checkpoint of that state. Lower the learning rate, or use bf16/fp32 (fp16 overflows "
+                "GLM-4). Complete checkpoints from before it remain."
+            )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         loss_sum, count, outputs = model_loss_sum(model, {k: v for k, v in inputs.items() if k not in GEN_KEYS}, labels)
@@ -122,8 +143,6 @@ class GlmTrainer(Seq2SeqTrainer):
         return loss, generated, gen["gen_output_ids"]
 
     def _generate(self, model, gen: dict, gen_kwargs: dict):
-        from glmport.train.guarded import guarded_forward
-
         kwargs = dict(self._gen_kwargs) if hasattr(self, "_gen_kwargs") and not gen_kwargs else dict(gen_kwargs)
         kwargs.pop("synced_gpus", None)
         prompt = gen["gen_input_ids"]
@@ -138,18 +157,56 @@ class GlmTrainer(Seq2SeqTrainer):
     def _save_checkpoint(self, model, trial):
         if self.first_nonfinite_step is not None:
             return  # never mark weights from a diverged step as a complete checkpoint
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        writing = folder / ".glmport_writing"
+        folder = Path(self._get_output_dir(trial=trial)) / checkpoint_name(self.state.global_step)
+        # A failed write (full disk, read-only remount) is one clear error; the folder keeps its writing
+        # marker and gets no manifest, so nothing takes it for complete (a resume renames it .incomplete).
+        with write_faults(folder.name, folder, folder.parent, resume_flag=self.resume_flag,
+                          left=f"{folder.name} is incomplete: a resumed run renames it {folder.name}.incomplete"):
+            self._save_marked_checkpoint(model, trial, folder)
+
+    def _save_marked_checkpoint(self, model, trial, folder: Path) -> None:
+        writing = folder / WRITING_MARKER
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / MARKER).unlink(missing_ok=True)
+            (folder / CHECKPOINT_MARKER).unlink(missing_ok=True)
             writing.touch()
-        super()._save_checkpoint(model, trial)
+        # The Trainer deletes old checkpoints (save_total_limit) at the end of its save, before this one
+        # is marked complete: a crash in between would leave no complete checkpoint. Rotate afterwards.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save and folder.is_dir():
             self.accelerator.wait_for_everyone()  # every rank has written its part
-            files = sorted(f for f in os.listdir(folder) if not f.startswith(".glmport"))
-            marker = {"step": self.state.global_step, "time": time.time(), "files": files}
-            tmp = folder / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(marker, indent=2))
-            os.replace(tmp, folder / MARKER)
+            write_manifest(folder, self.state.global_step, run_fingerprint=self.identity.fingerprint,
+                           history=self.identity.history(self.state.global_step))
             writing.unlink(missing_ok=True)
+            best = self.state.best_model_checkpoint
+            rotate(folder.parent, limit, keep=Path(best) if best else None)
+
+
+def build_trainer(run: TrainingRun, manager) -> GlmTrainer:
+    """The trainer for ``run``, with glmport's progress lines and the plugins' callbacks; sets ``run.trainer``."""
+    args = training_arguments(run, has_eval=run.datasets.eval is not None, generation=generation_config(run))
+    generates = (args.predict_with_generate and run.datasets.eval is not None) or run.datasets.test is not None
+    trainer = GlmTrainer(
+        model=run.model,
+        args=args,
+        train_dataset=run.datasets.train,
+        eval_dataset=run.datasets.eval,
+        data_collator=Collator(run.template.pad_token_id),
+        processing_class=run.loaded.tokenizer,
+        compute_metrics=make_compute_metrics(run.loaded.tokenizer, run.template.pad_token_id) if generates else None,
+        backend=run.backend,
+        guard_mode=run.guard_mode,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints lines
+    trainer.add_callback(ProgressCallback(trainer))
+    trainer.add_callback(MetricsLog(run.output_dir / METRICS_FILE, resume_flag=run.request.resume_flag))
+    trainer.resume_flag = run.request.resume_flag
+    for plugin_callbacks in manager.hook.glmport_trainer_callbacks(run=run):
+        for callback in plugin_callbacks or []:
+            trainer.add_callback(callback)
+    run.trainer = trainer
+    return trainer

@@ -137,3 +137,97 @@ def test_shipped_configs_validate(repo_root, tmp_path):
         (tmp_path / "m" / "config.json").write_text("{}")
         config = load_run_config(repo_root / "configs" / name, data_dir=tmp_path, model_dir=tmp_path / "m")
         assert config.method == {"lora.yaml": "lora", "ptuning_v2.yaml": "ptuning", "sft.yaml": "sft"}[name]
+
+
+# --- values, files and overrides that cannot make a run (each reported with its line or override) -----
+
+
+def _problems(path: Path, overrides=(), **kwargs) -> list[str]:
+    from glmport.config import read_run_config
+
+    _, problems = read_run_config(path, list(overrides), **kwargs)
+    return [str(p) for p in problems]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("max_steps", 0, "training_args.max_steps: 0 trains nothing"),
+    ("max_steps", -5, "training_args.max_steps: -5 trains nothing"),
+    ("learning_rate", -0.001, "training_args.learning_rate: -0.001: must be 0 or more"),
+    ("learning_rate", ".inf", "training_args.learning_rate: inf: must be 0 or more"),
+    ("per_device_train_batch_size", 0, "training_args.per_device_train_batch_size: 0: must be 1 or more"),
+    ("gradient_accumulation_steps", -1, "training_args.gradient_accumulation_steps: -1: must be 1 or more"),
+    ("warmup_steps", -0.1, "training_args.warmup_steps: -0.1: must be 0 or more"),
+])
+def test_training_numbers_that_cannot_make_a_run(tmp_path, key, value, expected):
+    path = write(tmp_path, UPSTREAM_LORA)
+    problems = _problems(path, [f"training_args.{key}={value}"], model_dir=tmp_path / "model")
+    assert problems == [f"override `training_args.{key}={value}`: {expected}"] or \
+        (len(problems) == 1 and problems[0].startswith(f"override `training_args.{key}={value}`: {expected}\n"))
+
+
+def test_max_steps_minus_one_trains_for_the_epochs(tmp_path):
+    path = write(tmp_path, UPSTREAM_LORA.replace("max_steps: 3000", "max_steps: -1\n  num_train_epochs: 2"))
+    assert _problems(path, model_dir=tmp_path / "model") == []
+    problems = _problems(path, ["training_args.num_train_epochs=0"], model_dir=tmp_path / "model")
+    assert len(problems) == 1 and "training_args.num_train_epochs: 0 trains nothing" in problems[0]
+
+
+def test_a_config_that_is_not_utf8_names_line_column_and_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("data_config:\n  train_file: tr\u00e9in.jsonl\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    assert caught.value.problems[0].where == f"{path}:2:17"
+    assert caught.value.problems[0].what == "not UTF-8 text (byte 0xe9 at offset 29)"
+    assert "save the file as UTF-8" in caught.value.problems[0].fix
+
+
+def test_a_data_path_that_is_a_folder(tmp_path):
+    path = write(tmp_path, UPSTREAM_LORA.replace("test_file: dev.json", "test_file: splits"))
+    (tmp_path / "splits").mkdir()
+    problems = _problems(path, model_dir=tmp_path / "model")
+    assert problems == [f"{path}:4: data_config.test_file: {tmp_path / 'splits'} is a folder; a data file is expected\n"
+                        "    -> name a .jsonl or .json file inside it (data_config.test_file: splits/test.jsonl, say)"]
+
+
+def test_keys_an_override_adds_are_blamed_on_it(tmp_path):
+    path = write(tmp_path, UPSTREAM_LORA)
+    problems = _problems(path, ["nosuch.key=1", "training_args.generation_config.bogus.deep=2",
+                                "peft_config.r=8"], model_dir=tmp_path / "model")
+    assert problems[0] == "override `nosuch.key=1`: nosuch: unknown top-level key\n    -> remove it"
+    assert problems[1].startswith("override `training_args.generation_config.bogus.deep=2`: "
+                                  "training_args.generation_config.bogus: not a generation setting")
+    assert len(problems) == 2  # an override of a key the file has is fine
+
+
+def test_bad_overrides_are_listed_with_the_other_problems(tmp_path):
+    path = write(tmp_path, UPSTREAM_LORA)
+    problems = _problems(path, ["=3", "max_input_length.x=1", "training_args.max_steps=[1", "combin=true"],
+                         model_dir=tmp_path / "model")
+    assert [p.split(":")[0] for p in problems] == [
+        "override `=3`", "override `max_input_length.x=1`", "override `training_args.max_steps=[1`",
+        "override `combin=true`"]
+    assert "max_input_length is not a mapping, so it has no key 'x'" in problems[1]
+
+
+def test_trust_remote_code_is_a_glmport_setting(tmp_path):
+    path = write(tmp_path, UPSTREAM_LORA + "glmport:\n  trust_remote_code: false\n")
+    config = load_run_config(path, model_dir=tmp_path / "model")
+    assert config.glmport.trust_remote_code is False and config.locate("glmport.trust_remote_code") == f"{path}:34"
+    assert load_run_config(write(tmp_path, UPSTREAM_LORA), model_dir=tmp_path / "model").glmport.trust_remote_code is None
+    with pytest.raises(ConfigError, match="glmport.trust_remote_code: expected bool | None, got 'maybe'"):
+        load_run_config(path, ["glmport.trust_remote_code=maybe"], model_dir=tmp_path / "model")
+
+
+def test_config_files_that_cannot_be_used(tmp_path):
+    for text, expected in (("- a list\n", ":1: the top level is a list, not a mapping of keys"),
+                           ("x: !!python/object/apply:os.system ['true']\n", ":1:4: YAML tag not allowed")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_run_config(path)
+        assert f"{path}{expected}" in str(caught.value)
+    with pytest.raises(ConfigError, match="is a folder; the config is a YAML file"):
+        load_run_config(tmp_path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "nowhere.yaml")

@@ -1,0 +1,57 @@
+"""The model and data of a run: base model through the backend's patch session, data through its template,
+then the training method (LoRA, P-Tuning v2, full SFT) on top.
+
+The seed is set before anything is built, so the same seed gives the same starting weights, including
+the method's new ones (LoRA matrices, prefix encoders).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from glmport.data.loader import LoadResult
+from glmport.data.templates import get_template
+from glmport.errors import GlmportError
+from glmport.modeling import inspect_model_dir, load_model, resolve_dtype
+from glmport.train.dataset import build_datasets
+from glmport.train.inputs import remote_code_consent
+from glmport.train.methods import apply_method, enable_gradient_checkpointing, prefix_config_overrides
+from glmport.train.state import TrainingRun
+
+log = logging.getLogger("glmport")
+
+
+def load_base_model(run: TrainingRun, patch_sets) -> None:
+    """Seed, place and load the model in the dtype the backend and family call for; sets ``run.loaded``
+    and ``run.template``. ``patch_sets`` is the plugin manager's registry of patch sets."""
+    config, backend = run.config, run.backend
+    backend.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend.seed(int(config.glmport.seed if config.glmport.seed is not None else config.training_args.get("seed", 42)))
+    info = inspect_model_dir(config.model_dir.resolve(), config.glmport.model_family)
+    dtype, note = resolve_dtype(config.glmport.dtype, backend, info.family, config.method)
+    if note:
+        log.warning(note)
+        run.notes.append(note)
+    run.loaded = load_model(
+        info, backend, mode="train", dtype=dtype, patch_sets=patch_sets,
+        config_overrides=prefix_config_overrides(info, config.peft_config), consent=remote_code_consent(config),
+    )
+    run.template = get_template(config.glmport.template, run.loaded.tokenizer, combine=config.combine)
+
+
+def build_data(run: TrainingRun, records: dict[str, LoadResult], has_eval: bool) -> None:
+    """Tokenize the splits read by :func:`glmport.train.inputs.read_records`; sets ``run.datasets``."""
+    run.datasets = build_datasets(run.config, run.template, run.output_dir, records)
+    if run.datasets.train is None:
+        raise GlmportError(f"{run.config.data_path('train')}: no training samples")
+    if not has_eval:
+        run.datasets.eval = None
+
+
+def apply_training_method(run: TrainingRun) -> None:
+    """Wrap or freeze the loaded model for the method, and turn checkpointing on if asked; sets ``run.model``."""
+    config = run.config
+    run.model = apply_method(run.loaded.model, run.loaded.info, config.method, config.peft_config, run.backend)
+    if config.training_args.get("gradient_checkpointing") or config.training_args.get("activation_checkpointing"):
+        enable_gradient_checkpointing(run.model, run.loaded.info)
