@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import importlib.util
 import os
 import sys
 import types
@@ -222,6 +223,20 @@ def forget_device_probes() -> None:
                 clear()
 
 
+def _peft_device_module():
+    """peft decides once, when it is imported, whether an MLU is there (``peft.utils.other.mlu_available``)
+    and then loads adapter weights onto device "mlu", a device type torch does not know without the real
+    torch_mlu. Emulated tensors live on the CPU, so peft must have made up its mind before the stand-in
+    appears (and must not keep an answer from an earlier activation in this process)."""
+    try:
+        import peft.utils.other as peft_devices
+    except ImportError:
+        return None
+    if getattr(peft_devices, "mlu_available", False) and importlib.util.find_spec("torch_mlu") is None:
+        peft_devices.mlu_available = False
+    return peft_devices
+
+
 @contextlib.contextmanager
 def installed_torch_mlu(namespace: types.ModuleType):
     """Put a stand-in ``torch_mlu`` in ``sys.modules`` and ``namespace`` at ``torch.mlu`` for the block.
@@ -234,6 +249,7 @@ def installed_torch_mlu(namespace: types.ModuleType):
     if "torch_mlu" in sys.modules:
         yield sys.modules["torch_mlu"]
         return
+    peft_devices = _peft_device_module()  # imported before the stand-in exists: see _peft_device_module
     module = _fake_torch_mlu(namespace)
     sys.modules["torch_mlu"] = module
     torch.mlu = namespace
@@ -246,6 +262,8 @@ def installed_torch_mlu(namespace: types.ModuleType):
         if getattr(torch, "mlu", None) is namespace:
             del torch.mlu
         forget_device_probes()
+        if peft_devices is not None:
+            peft_devices.mlu_available = False
 
 
 def _make_int32_kernel_mode():

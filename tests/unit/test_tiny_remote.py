@@ -50,21 +50,9 @@ def shape_of(family: str) -> TinyShape:
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def jit_state() -> tuple[bool, bool, bool, bool]:
-    C = torch._C
-    mode = C._jit_set_profiling_mode(True)
-    C._jit_set_profiling_mode(mode)
-    executor = C._jit_set_profiling_executor(True)
-    C._jit_set_profiling_executor(executor)
-    return mode, executor, C._jit_can_fuse_on_cpu(), C._jit_can_fuse_on_gpu()
-
-
-def set_jit_state(state) -> None:
-    mode, executor, cpu, gpu = state
-    torch._C._jit_set_profiling_mode(mode)
-    torch._C._jit_set_profiling_executor(executor)
-    torch._C._jit_override_can_fuse_on_cpu(cpu)
-    torch._C._jit_override_can_fuse_on_gpu(gpu)
+# the TorchScript flags importing remote code flips: captured and restored by the patch engine's own code
+from glmport.patching.session import capture_process_state as jit_state  # noqa: E402
+from glmport.patching.session import restore_process_state as set_jit_state  # noqa: E402
 
 
 class jit_flags_restored:
@@ -88,7 +76,8 @@ def fixture_modules(family: str, revision: str) -> types.SimpleNamespace:
     holder.__path__ = [str(folder)]
     sys.modules[package] = holder
     with jit_flags_restored():
-        set_jit_state((True, True, False, False))  # torch's defaults, so that the flip is observable
+        set_jit_state({"jit_profiling_mode": True, "jit_profiling_executor": True,  # torch's defaults, so
+                       "jit_fuse_cpu": False, "jit_fuse_gpu": False})              # that the flip is observable
         modules = {name: importlib.import_module(f"{package}.{name}")
                    for name in ("configuration_chatglm", "modeling_chatglm", "tokenization_chatglm")}
         after_import = jit_state()
@@ -347,8 +336,8 @@ def test_chatglm3_prefix_encoder():
 @pytest.mark.parametrize("family, revision", ALL, ids=ALL_IDS)
 def test_import_flips_torchscript_flags(family, revision):
     modules = fixture_modules(family, revision)
-    profiling_mode, profiling_executor, fuse_cpu, _fuse_gpu = modules.jit_after_import
-    assert (profiling_mode, profiling_executor, fuse_cpu) == (False, False, True)
+    flags = modules.jit_after_import
+    assert (flags["jit_profiling_mode"], flags["jit_profiling_executor"], flags["jit_fuse_cpu"]) == (False, False, True)
     assert isinstance(modules.modeling.apply_rotary_pos_emb, torch.jit.ScriptFunction)
     assert modules.modeling.skip_init is torch.nn.utils.skip_init
 
