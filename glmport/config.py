@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmport.data.formats import FORMATS
 from glmport.errors import ConfigError, Problem
 from glmport.yamlfile import apply_overrides, load_yaml
 
@@ -76,7 +77,7 @@ class GlmportSettings:
     synthetic_data: dict | None = None  # {train: N, val: N, seed: S}: generate data files when missing
     model_family: str = "auto"  # auto | chatglm3 | glm4
     template: str = "auto"  # auto | chatglm3 | glm4
-    data_format: str = "auto"  # auto | conversations | messages | advertisegen | alpaca | context-target
+    data_format: str = "auto"  # auto, or one of glmport.data.formats.FORMATS
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16: dtype of frozen base weights
     guard_64bit: str = "auto"  # auto (on when emulating a device without 64-bit) | on | off | report
     emulate: str | None = None  # e.g. mlu: same as GLMPORT_EMULATE=mlu for this run
@@ -91,7 +92,7 @@ class GlmportSettings:
 CHOICES = {
     "model_family": {"auto", "chatglm3", "glm4"},
     "template": {"auto", "chatglm3", "glm4"},
-    "data_format": {"auto", "conversations", "messages", "advertisegen", "alpaca", "context-target"},
+    "data_format": {"auto", *FORMATS},
     "dtype": {"auto", "fp32", "bf16", "fp16"},
     "guard_64bit": {"auto", "on", "off", "report"},
     "init_model": {None, "tiny-native", "tiny-remote"},

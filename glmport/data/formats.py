@@ -1,13 +1,20 @@
 """Readers for the record formats users bring, each turning one JSON object into a list of messages.
 
 A reader raises :class:`RecordError` naming the field at fault (``conversations[2].content``); the
-loader adds the file and line. Formats are told apart by their keys, never by the file name.
+loader adds the file and line. Formats are told apart by their keys, never by the file name; two pairs
+share their key (ChatGLM3 ``conversations`` and ShareGPT's, GLM-4 ``messages`` and OpenAI's), and there
+the messages tell (:func:`candidate_formats`).
+
+A tool call, in every format, becomes what ChatGLM3's ``tool`` role gives: an assistant message whose
+metadata is the tool's name and whose content is the fenced ``tool_call(...)`` block, followed by the
+result as an observation. So the templates train every format's tool calls the same way.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import json
 
 from glmport.data.records import ROLES, TOOLS_PREAMBLE, Message, learned_by_default
@@ -16,12 +23,23 @@ from glmport.data.records import ROLES, TOOLS_PREAMBLE, Message, learned_by_defa
 # formats is read as the first).
 SIGNATURES = {
     "conversations": ("conversations",),
+    "sharegpt": ("conversations",),
     "messages": ("messages",),
+    "openai": ("messages",),
     "alpaca": ("instruction", "output"),
     "advertisegen": ("content", "summary"),
     "context-target": ("context", "target"),
 }
 FORMATS = tuple(SIGNATURES)
+# What tells apart the formats that share a key, for the messages that list the signatures.
+_NOTES = {"conversations": " of role/content (ChatGLM3)", "sharegpt": " of from/value (ShareGPT)",
+          "messages": " (GLM-4)", "openai": " with tool_calls or the tool role (OpenAI)"}
+# LLaMA-Factory's ShareGPT speakers (its `from` tags, and the role names it also accepts), as glmport roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "observation", "user": "user", "assistant": "assistant", "tool": "observation"}
+OPENAI_ROLES = ("system", "user", "assistant", "tool")
+_ONE_WAY = ('write every message of a record the same way: {"role", "content"} (ChatGLM3) '
+            'or {"from", "value"} (ShareGPT)')
 
 
 class RecordError(Exception):
@@ -33,15 +51,53 @@ class RecordError(Exception):
         self.fix = fix
 
 
+def candidate_formats(record: dict) -> tuple[str, ...]:
+    """Every format that reads ``record``, the one it is detected as first.
+
+    A format reads a record that has its keys. Where two formats share the key, the messages decide:
+    ShareGPT's have ``from``, ChatGLM3's ``role``; OpenAI's have ``tool_calls``, the ``tool`` role, text
+    parts or record-level ``tools``, GLM-4's the ``observation`` role, ``tools`` or ``metadata`` on a
+    message. A record with the marks of neither is read the same by both; one with the marks of both
+    goes to the format whose reader names the message that does not fit.
+    """
+    found = [name for name, keys in SIGNATURES.items() if all(key in record for key in keys)]
+    for base, peer, marks in (("conversations", "sharegpt", _conversations_marks), ("messages", "openai", _messages_marks)):
+        if base in found:
+            own, theirs = marks(record)
+            pair = ((peer, base) if own else (peer,)) if theirs else ((base,) if own else (base, peer))
+            index = found.index(base)
+            found[index:index + 2] = pair
+    return tuple(found)
+
+
 def detect_format(record: dict) -> str | None:
-    for name, keys in SIGNATURES.items():
-        if all(key in record for key in keys):
-            return name
-    return None
+    candidates = candidate_formats(record)
+    return candidates[0] if candidates else None
+
+
+def _items(value) -> list[dict]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _conversations_marks(record: dict) -> tuple[bool, bool]:
+    """(has ChatGLM3 messages, has ShareGPT messages)."""
+    items = _items(record["conversations"])
+    return any("role" in item for item in items), any("from" in item for item in items)
+
+
+def _messages_marks(record: dict) -> tuple[bool, bool]:
+    """(has GLM-4 marks, has OpenAI marks)."""
+    items = _items(record["messages"])
+    glm4 = any(item.get("role") == "observation" or item.get("tools") is not None or "metadata" in item
+               for item in items)
+    openai = record.get("tools") is not None or any(
+        item.get("role") == "tool" or item.get("tool_calls") is not None or item.get("tool_call_id") is not None
+        or isinstance(item.get("content"), list) for item in items)
+    return glm4, openai
 
 
 def describe_signatures() -> str:
-    return "; ".join(f"{name}: {', '.join(keys)}" for name, keys in SIGNATURES.items())
+    return "; ".join(f"{name}: {', '.join(keys)}{_NOTES.get(name, '')}" for name, keys in SIGNATURES.items())
 
 
 def read_record(fmt: str, record) -> list[Message]:
@@ -71,6 +127,8 @@ def _read_conversations(record: dict) -> Located:
     for index, item in enumerate(items):
         field = f"conversations[{index}]"
         _typed(item, dict, field)
+        if "role" not in item and "from" in item:
+            raise RecordError(f"{field}: a ShareGPT message (from/value) among ChatGLM3 messages (role/content)", _ONE_WAY)
         role = _field(item, "role", str, field)
         if role == "tool":
             located.extend(_tool_call(item, field))
@@ -121,6 +179,10 @@ def _read_messages(record: dict) -> Located:
     for index, item in enumerate(items):
         field = f"messages[{index}]"
         _typed(item, dict, field)
+        if item.get("tool_calls") is not None:
+            raise RecordError(f"{field}.tool_calls: OpenAI-style tool calls in a GLM-4 record",
+                              "read the file as the openai format (--format openai), or write the call as GLM-4 "
+                              "does: an assistant message, then the result with the observation role")
         role = _field(item, "role", str, field)
         located.append((_plain_message(item, role, field), field))
     return located
@@ -189,6 +251,192 @@ def _read_alpaca(record: dict) -> Located:
     return located
 
 
+def _read_sharegpt(record: dict) -> Located:
+    """LLaMA-Factory's ShareGPT layout: ``from``/``value`` messages, optional ``system`` and ``tools``."""
+    items = _typed(record["conversations"], list, "conversations")
+    located: Located = []
+    system = _optional(record, "system", str, "")
+    if system:
+        located.append((Message("system", system), "system"))
+    for index, item in enumerate(items):
+        field = f"conversations[{index}]"
+        _typed(item, dict, field)
+        if "from" not in item and "role" in item:
+            raise RecordError(f"{field}: a ChatGLM3 message (role/content) among ShareGPT messages (from/value)", _ONE_WAY)
+        speaker = _field(item, "from", str, field)
+        if speaker not in SHAREGPT_ROLES:
+            raise RecordError(f"{field}.from: unknown speaker {speaker!r}", f"use one of {', '.join(SHAREGPT_ROLES)}")
+        value = _field(item, "value", str, field)
+        if speaker == "function_call":
+            located += [(call, field) for call in _sharegpt_calls(value, f"{field}.value")]
+        else:
+            located.append((Message(SHAREGPT_ROLES[speaker], value), field))
+    return _with_tools(located, _sharegpt_tools(record))
+
+
+def _sharegpt_calls(value: str, field: str) -> list[Message]:
+    """A ``function_call`` value: ``{"name", "arguments"}`` as JSON text, or a JSON array of them."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{field}: the function call is not valid JSON ({exc.msg}, column {exc.colno})",
+                          'write it as JSON text: {"name": "...", "arguments": {...}} (or an array of such calls)') from None
+    if isinstance(parsed, list):
+        return [_call_message(call, f"{field}[{index}]") for index, call in enumerate(parsed)]
+    return [_call_message(parsed, field)]
+
+
+def _sharegpt_tools(record: dict) -> list | None:
+    tools = record.get("tools")
+    if tools is None or tools == "":  # LLaMA-Factory files write "" for no tools
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"tools: not valid JSON ({exc.msg}, column {exc.colno})",
+                              "write tools as a JSON array of function definitions, or that array as a string") from None
+    return _check_tools(tools, "tools")
+
+
+def _read_openai(record: dict) -> Located:
+    """OpenAI chat messages: ``tool_calls`` on assistant messages, results with the ``tool`` role,
+    ``tools`` at the top level, content as a string or a list of text parts."""
+    items = _typed(record["messages"], list, "messages")
+    tools = _openai_tools(record["tools"], "tools") if record.get("tools") is not None else None
+    located: Located = []
+    call_ids: list[str | None] = []  # every tool call so far, for the results to answer
+    for index, item in enumerate(items):
+        field = f"messages[{index}]"
+        _typed(item, dict, field)
+        role = _field(item, "role", str, field)
+        _refuse_glm4_marks(item, role, field)
+        if role not in OPENAI_ROLES:
+            raise RecordError(f"{field}.role: unknown role {role!r}", f"use one of {', '.join(OPENAI_ROLES)}")
+        if role == "assistant":
+            located += _openai_assistant(item, field, call_ids)
+        elif role == "tool":
+            _check_answers_a_call(item, field, call_ids)
+            located.append((Message("observation", _openai_content(item, field)), field))
+        else:
+            located.append((Message(role, _openai_content(item, field)), field))
+    return _with_tools(located, tools)
+
+
+def _refuse_glm4_marks(item: dict, role: str, field: str) -> None:
+    if role == "observation":
+        raise RecordError(f"{field}.role: 'observation' is GLM-4's role for a tool result, in an OpenAI-style record",
+                          'write the result as {"role": "tool", "content": ...} after the assistant message with '
+                          "tool_calls, or write the whole record in the GLM-4 form")
+    if item.get("tools") is not None:
+        raise RecordError(f"{field}.tools: GLM-4 puts tools on the system message; this record is OpenAI-style "
+                          "(tool_calls, the tool role)", 'move them to the record\'s top-level "tools"')
+    if "metadata" in item:
+        raise RecordError(f"{field}.metadata: GLM-4's key in an OpenAI-style record",
+                          "give a tool call as tool_calls on the assistant message")
+
+
+def _openai_assistant(item: dict, field: str, call_ids: list) -> Located:
+    """The reply's text (if any), then one assistant message per tool call, in order."""
+    loss = _optional(item, "loss", bool, field)
+    content = _openai_content(item, field, nullable=True)
+    calls = _optional(item, "tool_calls", list, field) or []
+    if not calls:
+        if content is None:
+            raise RecordError(f"{field}.content: null, and the assistant message has no tool_calls",
+                              "write the reply as a string, or give the tool_calls it makes")
+        return [(Message("assistant", content, loss=loss), field)]
+    located: Located = [(Message("assistant", content, loss=loss), field)] if content and content.strip() else []
+    for index, call in enumerate(calls):
+        where = f"{field}.tool_calls[{index}]"
+        _typed(call, dict, where)
+        kind = _optional(call, "type", str, where)
+        if kind is not None and kind != "function":
+            raise RecordError(f"{where}.type: {kind!r} calls are not supported",
+                              'only "function" tool calls can be trained: remove the call, or make it a function call')
+        function = _field(call, "function", dict, where)
+        message = _call_message(function, f"{where}.function")
+        located.append((dataclasses.replace(message, loss=loss), where))
+        call_ids.append(_optional(call, "id", str, where))
+    return located
+
+
+def _check_answers_a_call(item: dict, field: str, call_ids: list) -> None:
+    if not call_ids:
+        raise RecordError(f"{field}: a tool result before any tool call",
+                          "put the assistant message with the tool_calls before the result, or remove the result")
+    answered = _optional(item, "tool_call_id", str, field)
+    if answered is not None and answered not in call_ids:
+        known = ", ".join(repr(i) for i in call_ids if i is not None) or "none"
+        raise RecordError(f"{field}.tool_call_id: {answered!r} answers no earlier tool call (ids so far: {known})",
+                          "use the id of the tool call this result answers, or leave tool_call_id out")
+
+
+def _openai_content(item: dict, field: str, nullable: bool = False) -> str | None:
+    """A string, or a list of ``{"type": "text", "text": ...}`` parts joined with newlines (as vLLM joins
+    them for a text-only chat template)."""
+    if item.get("content") is None:
+        if nullable:
+            return None
+        if "content" not in item:
+            raise RecordError(f"{field}: no 'content' key", 'add "content" (a string)')
+        raise RecordError(f"{field}.content: null", "write the text as a string")
+    content = item["content"]
+    if not isinstance(content, list):
+        return _typed(content, str, f"{field}.content")
+    texts = []
+    for index, part in enumerate(content):
+        where = f"{field}.content[{index}]"
+        _typed(part, dict, where)
+        kind = _field(part, "type", str, where)
+        if kind != "text":
+            raise RecordError(f"{where}.type: {kind!r} parts are not supported (only text)",
+                              f"glmport trains on text: remove the {kind} part, or give what it holds as text")
+        texts.append(_field(part, "text", str, where))
+    return "\n".join(texts)
+
+
+def _openai_tools(tools, field: str) -> list:
+    _typed(tools, list, field)
+    for index, tool in enumerate(tools):
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)):
+            raise RecordError(f"{field}[{index}]: expected {{\"type\": \"function\", \"function\": {{...}}}}, "
+                              f"got {_preview(tool)}",
+                              'write each tool as {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+    return _check_tools(tools, field)
+
+
+def _call_message(call, field: str) -> Message:
+    """One tool call ``{"name", "arguments"}`` as ChatGLM3's ``tool`` role gives it (see the module doc)."""
+    _typed(call, dict, field)
+    name = _field(call, "name", str, field)
+    if not name:
+        raise RecordError(f"{field}.name: empty tool name", "give the name of the tool that was called")
+    if "arguments" not in call:
+        raise RecordError(f"{field}: no 'arguments' key", 'add "arguments": the call\'s parameters as an object ({} for none)')
+    arguments, path = call["arguments"], f"{field}.arguments"
+    if isinstance(arguments, str):  # OpenAI writes the arguments as JSON text
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{path}: not valid JSON ({exc.msg}, column {exc.colno})",
+                              'write the arguments as a JSON object, or as one in a string: "{\\"city\\": \\"Paris\\"}"') from None
+    _typed(arguments, dict, path)
+    return Message("assistant", _python_call(arguments, path), metadata=name)
+
+
+def _with_tools(located: Located, tools: list | None) -> Located:
+    """Declare ``tools`` on the system message, or on a new one with ChatGLM3's preamble if there is none
+    (what a ChatGLM3 ``conversations`` record with record-level ``tools`` gives)."""
+    if tools is None:
+        return located
+    for index, (message, field) in enumerate(located):
+        if message.role == "system":
+            located[index] = (dataclasses.replace(message, tools=tools), field)
+            return located
+    return [(Message("system", TOOLS_PREAMBLE, tools=tools), "tools"), *located]
+
+
 def _pair_reader(prompt_key: str, answer_key: str):
     def read(record: dict) -> Located:
         return [
@@ -201,7 +449,9 @@ def _pair_reader(prompt_key: str, answer_key: str):
 
 READERS = {
     "conversations": _read_conversations,
+    "sharegpt": _read_sharegpt,
     "messages": _read_messages,
+    "openai": _read_openai,
     "alpaca": _read_alpaca,
     "advertisegen": _pair_reader("content", "summary"),
     "context-target": _pair_reader("context", "target"),

@@ -17,10 +17,9 @@ from typing import NamedTuple
 
 from glmport.data.formats import (
     FORMATS,
-    SIGNATURES,
     RecordError,
+    candidate_formats,
     describe_signatures,
-    detect_format,
     read_record,
 )
 from glmport.data.records import Conversation
@@ -212,11 +211,21 @@ def _skip_space(text: str, position: int) -> int:
 
 
 def _file_format(path: Path, raws: list[_Raw]) -> str:
-    """The format most records have; records of another format are reported by :func:`_messages`."""
-    found = Counter(detect_format(r.value) for r in raws if isinstance(r.value, dict))
-    found.pop(None, None)
-    if found:
-        return found.most_common(1)[0][0]  # ties go to the format seen first
+    """The format that reads the most records; records it cannot read are reported by :func:`_messages`.
+
+    Counting what each format *can* read, rather than what each record is detected as, keeps a file of
+    OpenAI messages whose records mostly have no tool call (and so read the same as GLM-4's) OpenAI.
+    Ties go to the format most records are detected as, then to the one seen first.
+    """
+    readable: dict[str, int] = {}
+    detected: Counter = Counter()
+    for raw in raws:
+        candidates = candidate_formats(raw.value) if isinstance(raw.value, dict) else ()
+        for name in candidates:
+            readable[name] = readable.get(name, 0) + 1
+        detected.update(candidates[:1])
+    if readable:
+        return max(readable, key=lambda name: (readable[name], detected[name]))  # max keeps the first of equals
     fix = f"records need the keys of one format ({describe_signatures()}), or pass --format"
     if any(r.json_error for r in raws):  # perhaps the keys are right and only the JSON is wrong: say so
         problems = [Problem(r.source, r.json_error, "each line must hold one complete JSON object") if r.json_error
@@ -228,11 +237,13 @@ def _file_format(path: Path, raws: list[_Raw]) -> str:
 def _messages(raw: _Raw, fmt: str):
     if raw.json_error:
         raise RecordError(raw.json_error, "each line must hold one complete JSON object")
-    if not isinstance(raw.value, dict) or all(key in raw.value for key in SIGNATURES[fmt]):
+    if not isinstance(raw.value, dict):
         return read_record(fmt, raw.value)
-    own = detect_format(raw.value)
-    if own is not None:
-        raise RecordError(f"this record is in the {own} format, the file's records are {fmt}",
+    candidates = candidate_formats(raw.value)
+    if fmt in candidates:
+        return read_record(fmt, raw.value)
+    if candidates:
+        raise RecordError(f"this record is in the {candidates[0]} format, the file's records are {fmt}",
                           "all records of a file must share one format: convert this one or move it to another file")
     raise RecordError(f"keys {', '.join(map(repr, raw.value)) or '(none)'} match no known format",
                       f"use the keys of the {fmt} format like the other records ({describe_signatures()})")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from glmport.data.loader import load_conversations
-from glmport.testing import run_cli
+from glmport.testing import ok, run_cli
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 CHAT = FIXTURES / "chat.jsonl"  # three conversations: single turn, multi-turn with system, tools + tool call
@@ -164,3 +164,61 @@ def test_the_data_command_imports_neither_torch_nor_transformers():
             "print(','.join(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# Records in the peers' formats, written here: ShareGPT (LLaMA-Factory) and OpenAI-style tool_calls.
+WEATHER = {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}], "system": "be brief"},
+    {"conversations": [{"from": "human", "value": "Paris?"},
+                       {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+                       {"from": "observation", "value": "21"}, {"from": "gpt", "value": "21 degrees"}],
+     "tools": json.dumps([WEATHER])},
+]
+OPENAI = [
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]},
+    {"messages": [{"role": "user", "content": "Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "21"},
+                  {"role": "assistant", "content": "21 degrees"}],
+     "tools": [{"type": "function", "function": WEATHER}]},
+]
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("fmt", "records"), [("sharegpt", SHAREGPT), ("openai", OPENAI)])
+def test_convert_peer_formats_round_trips_with_their_tool_calls(tmp_path, fmt, records):
+    source, target = _jsonl(tmp_path / "in.jsonl", records), tmp_path / "out.jsonl"
+    result = ok(run_cli("data", "convert", source, target))
+    assert f"wrote 2 conversations ({fmt} -> conversations) to {target}" in result.stdout
+    before, after = load_conversations(source), load_conversations(target)
+    assert (before.format, after.format) == (fmt, "conversations")
+    assert [c.messages for c in after.conversations] == [c.messages for c in before.conversations]
+    tool_conversation = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()][1]
+    assert {"role": "assistant", "content": "```python\ntool_call(city='Paris')\n```", "metadata": "weather"} in (
+        tool_conversation["conversations"])
+
+
+@pytest.mark.parametrize(("fmt", "records"), [("sharegpt", SHAREGPT), ("openai", OPENAI)])
+def test_check_peer_formats(tmp_path, fmt, records):
+    path = _jsonl(tmp_path / "train.jsonl", records)
+    report = json.loads(ok(run_cli("data", "check", path, "--json")).stdout)
+    assert (report["format"], report["records"], report["valid"]) == (fmt, 2, 2)
+    assert report["messages"] == {"system": 2, "user": 2, "assistant": 3, "observation": 1}
+    assert report["with_tools"] == 1
+
+
+def test_check_peer_format_errors_and_skip_invalid(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": "{city: Paris}"}}]}]}
+    path = _jsonl(tmp_path / "train.jsonl", [*OPENAI, bad])
+    result = ok(run_cli("data", "check", path), 2)
+    assert f"{path}:3: messages[1].tool_calls[0].function.arguments: not valid JSON" in result.stderr
+    report = json.loads(ok(run_cli("data", "check", path, "--skip-invalid", "--json")).stdout)
+    assert (report["valid"], [s["source"] for s in report["skipped"]]) == (2, [f"{path}:3"])

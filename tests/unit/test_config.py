@@ -231,3 +231,13 @@ def test_config_files_that_cannot_be_used(tmp_path):
         load_run_config(tmp_path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "nowhere.yaml")
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "openai", "alpaca", "context-target"])
+def test_every_data_format_can_be_named_in_the_config(tmp_path, fmt):
+    config = load_run_config(write(tmp_path, UPSTREAM_LORA + f"glmport:\n  data_format: {fmt}\n"),
+                             model_dir=tmp_path / "model")
+    assert config.glmport.data_format == fmt
+    with pytest.raises(ConfigError, match="glmport.data_format"):
+        load_run_config(write(tmp_path, UPSTREAM_LORA + "glmport:\n  data_format: sharegtp\n"),
+                        model_dir=tmp_path / "model")

@@ -179,3 +179,81 @@ def test_one_line_array(tmp_path):
     path.write_text('[{"content": "a", "summary": "b"}, {"content": "c", "summary": "d"}]\n')
     result = load_conversations(path)
     assert [c.source for c in result.conversations] == [f"{path}[0] (line 1)", f"{path}[1] (line 1)"]
+
+
+def sharegpt_line(answer: str = "a") -> str:
+    return json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": answer}]})
+
+
+def openai_call_line() -> str:
+    return json.dumps({"messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "r"},
+        {"role": "assistant", "content": "a"},
+    ]})
+
+
+def plain_messages_line() -> str:
+    return json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+
+
+def test_sharegpt_file(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", sharegpt_line("one"), sharegpt_line("two"))
+    result = load_conversations(path)
+    assert result.format == "sharegpt"
+    assert [c.messages for c in result.conversations][1] == [Message("user", "q"), Message("assistant", "two")]
+
+
+def test_plain_messages_go_with_the_openai_records_of_their_file(tmp_path):
+    # Most records have no tool call and read the same as GLM-4 messages: the file is still OpenAI-style.
+    path = write_lines(tmp_path / "train.jsonl", plain_messages_line(), plain_messages_line(), openai_call_line())
+    result = load_conversations(path)
+    assert result.format == "openai" and len(result.conversations) == 3
+    assert load_conversations(write_lines(tmp_path / "plain.jsonl", plain_messages_line())).format == "messages"
+
+
+def test_a_glm4_record_among_openai_records_names_its_line(tmp_path):
+    glm4 = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c"},
+                                    {"role": "observation", "content": "r"}, {"role": "assistant", "content": "a"}]})
+    path = write_lines(tmp_path / "train.jsonl", openai_call_line(), plain_messages_line(), glm4, openai_call_line())
+    [problem] = error_of(path).problems
+    assert (problem.where, problem.what) == (f"{path}:3", "this record is in the messages format, the file's records are openai")
+
+
+def test_a_record_mixing_sharegpt_and_chatglm3_messages_names_its_line(tmp_path):
+    mixed = json.dumps({"conversations": [{"role": "user", "content": "q"}, {"from": "gpt", "value": "a"}]})
+    path = write_lines(tmp_path / "train.jsonl", good_line(), mixed, good_line())
+    [problem] = error_of(path).problems
+    assert problem.where == f"{path}:2"
+    assert problem.what.startswith("conversations[1]: a ShareGPT message (from/value) among ChatGLM3 messages")
+    path = write_lines(tmp_path / "sharegpt.jsonl", sharegpt_line(), mixed, sharegpt_line())
+    [problem] = error_of(path).problems
+    assert problem.where == f"{path}:2"
+    assert problem.what.startswith("conversations[0]: a ChatGLM3 message (role/content) among ShareGPT messages")
+    # A record of the other format as a whole is named as such.
+    path = write_lines(tmp_path / "two.jsonl", good_line(), sharegpt_line(), good_line())
+    assert error_of(path).problems[0].what == "this record is in the sharegpt format, the file's records are conversations"
+
+
+def test_skip_invalid_skips_bad_sharegpt_and_openai_records(tmp_path):
+    bad_call = json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f("},
+                                             {"from": "gpt", "value": "a"}]})
+    path = write_lines(tmp_path / "sharegpt.jsonl", sharegpt_line(), bad_call, sharegpt_line())
+    result = load_conversations(path, skip_invalid=True)
+    assert [s.source for s in result.skipped] == [f"{path}:2"]
+    assert result.skipped[0].reason.startswith("conversations[1].value: the function call is not valid JSON")
+
+    bad_tool = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
+                                        {"role": "assistant", "content": "a"}]})
+    path = write_lines(tmp_path / "openai.jsonl", openai_call_line(), bad_tool)
+    result = load_conversations(path, skip_invalid=True)
+    assert result.format == "openai" and len(result.conversations) == 1
+    assert [(s.source, s.reason) for s in result.skipped] == [(f"{path}:2", "messages[1]: a tool result before any tool call")]
+
+
+def test_explicit_format_for_shared_keys(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", openai_call_line())
+    assert error_of(path, fmt="messages").problems[0].what == (
+        "this record is in the openai format, the file's records are messages")
+    assert load_conversations(write_lines(tmp_path / "plain.jsonl", plain_messages_line()), fmt="openai").format == "openai"
