@@ -13,11 +13,14 @@ from __future__ import annotations
 from glmport.patching import Patch
 
 
-def mask32(config, inputs_embeds, attention_mask, past_key_values=None, position_ids=None, **_ignored):
+def mask32(config, inputs_embeds, attention_mask, cache=None, position_ids=None, *, past_key_values=None,
+           **_ignored):
+    """``cache`` is what transformers >= 5.24 passes; ``past_key_values`` what earlier 5.x releases pass."""
     import torch
 
+    cache = cache if cache is not None else past_key_values
     batch, query = inputs_embeds.shape[:2]
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
     keys = past + query
     padded = attention_mask is not None and not bool((attention_mask[:, -keys:] != 0).all())
     eager = getattr(config, "_attn_implementation", "sdpa") == "eager"

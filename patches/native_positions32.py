@@ -11,20 +11,37 @@ import functools
 
 from glmport.patching import Patch
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache
+
 
 def apply(ctx) -> None:
+    import inspect
+
     import torch
 
     original = ctx.original("GlmModel.forward")
+    signature = inspect.signature(original)
+    cache_name = next(name for name in CACHE_ARGUMENTS if name in signature.parameters)
 
     @functools.wraps(original)
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, *args, **kwargs):
-        if position_ids is None:
-            source = input_ids if input_ids is not None else inputs_embeds
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(past, past + source.shape[1], dtype=torch.int32, device=source.device)[None]
-        return original(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        if arguments.get("position_ids") is None:
+            source = arguments.get("input_ids")
+            source = source if source is not None else arguments.get("inputs_embeds")
+            cache = arguments.get(cache_name)
+            past = cache.get_seq_length() if cache is not None else 0
+            arguments["position_ids"] = torch.arange(past, past + source.shape[1], dtype=torch.int32,
+                                                     device=source.device)[None]
+        # everything by keyword: transformers' decorators on forward add keywords (use_cache) themselves
+        by_name = {}
+        for name, value in list(arguments.items())[1:]:  # [0] is self
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                by_name.update(value)
+            else:
+                by_name[name] = value
+        return original(self, **by_name)
 
     ctx.replace("GlmModel.forward", forward)
 
