@@ -7,7 +7,10 @@ Two kinds of folders:
 * **remote**: ``model_type: chatglm`` with ``modeling_chatglm.py`` and friends in the folder (the ChatGLM3-6B
   and GLM-4-9B-chat downloads), loaded with ``trust_remote_code``.
 
-Family (``chatglm3`` or ``glm4``) decides the chat template, LoRA targets and dtype rules. Patch sets are
+Family (``chatglm3`` or ``glm4``) decides the chat template, LoRA targets and dtype rules. config.json tells it
+from the vocabulary size (:func:`config_evidence`); the tokenizer's own special tokens confirm it and tell
+ChatGLM2-6B from ChatGLM3-6B, which share a config (:func:`glmport.data.templates.detect_family`). ChatGLM-6B and
+ChatGLM2-6B are recognised and refused (:func:`unsupported_family`): glmport does not train them yet. Patch sets are
 applied after the dynamic modules are imported and before the model is built; the user's folder is never
 written to.
 """
@@ -24,7 +27,69 @@ from glmport.errors import ModelError, PatchError, Problem
 
 log = logging.getLogger("glmport")
 
-GLM4_VOCAB = 151552
+GLM4_VOCAB = 151552  # GLM-4-9B: 151329 tiktoken ranks + specials, padded
+SENTENCEPIECE_VOCAB = 65024  # ChatGLM2-6B and ChatGLM3-6B: the same SentencePiece model, padded
+CHATGLM6B_VOCAB = 130528  # ChatGLM-6B (v1): icetk
+
+SUPPORTED_FAMILIES = ("chatglm3", "glm4")
+FAMILY_TITLES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B", "glm4": "GLM-4-9B-chat"}
+
+
+@dataclass(frozen=True)
+class ConfigEvidence:
+    """What ``config.json`` says about the generation: ``families`` it allows (None: it does not say) and the
+    ``facts`` it was read from, for messages and the run's log."""
+
+    families: frozenset[str] | None
+    facts: str
+
+
+def config_evidence(config: dict[str, Any]) -> ConfigEvidence:
+    """The families a ``config.json`` allows, from its vocabulary size.
+
+    The vocabulary is what the generations do not share: 130528 (ChatGLM-6B, which also has
+    ``position_encoding_2d``), 65024 (ChatGLM2-6B and ChatGLM3-6B: the same SentencePiece model, so the config
+    cannot tell these two apart; their tokenizers can), 151552 or more (GLM-4). ``rope_ratio`` is only
+    reported: chatglm3-6b-32k has one (50) as GLM-4 does (500), so it proves nothing.
+    """
+    model_type = config.get("model_type")
+    key = "padded_vocab_size" if model_type == "chatglm" and "padded_vocab_size" in config else "vocab_size"
+    vocab = config.get(key)
+    facts = [f"config.json model_type {model_type}", f"{key} {vocab}"]
+    if model_type == "chatglm":
+        facts.append(f"rope_ratio {config['rope_ratio']}" if "rope_ratio" in config else "no rope_ratio")
+    if config.get("position_encoding_2d"):
+        facts.append("position_encoding_2d")
+    families = None
+    if isinstance(vocab, int):
+        if config.get("position_encoding_2d") or vocab == CHATGLM6B_VOCAB:
+            families = frozenset({"chatglm"})
+        elif vocab >= GLM4_VOCAB:
+            families = frozenset({"glm4"})
+        elif vocab == SENTENCEPIECE_VOCAB:
+            families = frozenset({"chatglm2", "chatglm3"})
+    return ConfigEvidence(families, ", ".join(facts))
+
+
+def family_names(families) -> str:
+    return " or ".join(sorted(families))
+
+
+# the prompt formats of the generations before role tokens (their chat() methods), as they read in a message
+ROUND_PROMPTS = {"chatglm": "\"[Round N]\\n问：...\\n答：\"", "chatglm2": "\"[Round N]\\n\\n问：...\\n\\n答：\""}
+
+
+def unsupported_family(family: str, where: str, facts: str) -> ModelError:
+    """The refusal for a generation glmport recognises but does not train."""
+    title = FAMILY_TITLES[family]
+    supported = " and ".join(FAMILY_TITLES[f] for f in SUPPORTED_FAMILIES)
+    prompt = ROUND_PROMPTS.get(family)
+    layout = f"the {title} layout" + (f", whose prompts are {prompt}" if prompt else "")
+    return ModelError(f"{title} models are not supported by glmport yet", [Problem(
+        where, f"{facts}: {layout}",
+        f"glmport does not train {title} yet; it trains {supported} (remote-code folders, model_type chatglm, "
+        f"or native GLM folders, model_type glm). glmport.template cannot make a {title} tokenizer speak the "
+        "ChatGLM3 format: it has no role tokens (<|user|>, <|assistant|>...) to write it with")])
 
 
 @dataclass
@@ -33,6 +98,9 @@ class ModelInfo:
     kind: str  # native | remote
     family: str  # chatglm3 | glm4
     config: dict[str, Any]
+    # how ``family`` was chosen: "config.json", "glmport.model_family", or "guess" (config.json did not say;
+    # the tokenizer decides once loaded, see glmport.data.templates.detect_family)
+    family_from: str = "config.json"
 
     @property
     def auto_map(self) -> dict[str, str]:
@@ -40,7 +108,10 @@ class ModelInfo:
 
 
 def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
-    """Read ``config.json`` and classify the folder, with errors that say what is wrong with it."""
+    """Read ``config.json`` and classify the folder, with errors that say what is wrong with it.
+
+    ``family`` (``glmport.model_family``) must agree with what config.json says; it decides only where
+    config.json does not (then the tokenizer has the last word)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -52,20 +123,30 @@ def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
     model_type = config.get("model_type")
     if model_type == "glm":
         kind = "native"
-        detected = "glm4" if config.get("vocab_size", 0) >= GLM4_VOCAB else "chatglm3"
     elif model_type == "chatglm":
         kind = "remote"
         if not (path / "modeling_chatglm.py").is_file():
             raise ModelError(f"{path}: config.json says model_type chatglm but modeling_chatglm.py is missing "
                              "(remote-code folders ship it next to the weights)")
-        glm4 = "rope_ratio" in config or config.get("padded_vocab_size", 0) >= GLM4_VOCAB
-        detected = "glm4" if glm4 else "chatglm3"
     else:
         raise ModelError(
             f"{config_file}: model_type {model_type!r} is not a GLM-family model; glmport trains ChatGLM3 / "
             "GLM-4 remote-code folders (model_type chatglm) and native GLM folders (model_type glm)"
         )
-    return ModelInfo(path, kind, detected if family in ("auto", None) else family, config)
+    evidence = config_evidence(config)
+    allowed = evidence.families
+    if allowed is not None and not allowed & set(SUPPORTED_FAMILIES):
+        raise unsupported_family(next(iter(allowed)), str(config_file), evidence.facts)
+    if family not in ("auto", None):
+        if allowed is not None and family not in allowed:
+            raise ModelError(f"glmport.model_family {family} contradicts the model folder", [Problem(
+                "glmport.model_family", f"{family} was asked for, but {evidence.facts} ({family_names(allowed)})",
+                f"remove glmport.model_family (glmport detects the family), or use a {family} model folder")])
+        return ModelInfo(path, kind, family, config, "glmport.model_family")
+    if allowed is not None:  # ChatGLM2 or ChatGLM3: ChatGLM3 until the tokenizer says otherwise
+        return ModelInfo(path, kind, "glm4" if "glm4" in allowed else "chatglm3", config)
+    guess = "glm4" if "rope_ratio" in config else "chatglm3"
+    return ModelInfo(path, kind, guess, config, "guess")
 
 
 @dataclass
@@ -165,12 +246,15 @@ def preflight(info: ModelInfo, backend, mode: str, patch_sets, consent: RemoteCo
 
 
 def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_unverified: bool = False,
-               config_overrides: dict | None = None, consent: RemoteCodeConsent | None = None) -> LoadedModel:
+               config_overrides: dict | None = None, consent: RemoteCodeConsent | None = None,
+               check_tokenizer=None) -> LoadedModel:
     """Load tokenizer and model from ``info.path`` for ``mode`` (``train``/``infer``) on ``backend``, with
     the patches ``patch_sets`` (the caller's ``manager.patch_sets``) selects.
 
     Remote code runs only as ``consent`` allows (default: of a revision in glmport's manifest); one log
-    line names each file, its sha256 and the revision it matched before it is imported."""
+    line names each file, its sha256 and the revision it matched before it is imported. ``check_tokenizer``
+    (a function of the tokenizer) runs before the weights load, so a tokenizer of the wrong generation stops
+    the run before gigabytes are read."""
     from glmport.patching.manifest import describe_files
     from glmport.patching.session import patch_session
 
@@ -182,9 +266,9 @@ def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_
     session = patch_session(info, backend, mode, registry=patch_sets, allow_unverified=consent.allow_unverified)
     try:
         if info.kind == "native":
-            model, tokenizer = _load_native(info, dtype, config_overrides)
+            model, tokenizer = _load_native(info, dtype, config_overrides, check_tokenizer)
         else:
-            model, tokenizer = _load_remote(info, dtype, session, config_overrides)
+            model, tokenizer = _load_remote(info, dtype, session, config_overrides, check_tokenizer)
         session.verify_after_build(model)
     except Exception:
         session.undo()
@@ -192,10 +276,12 @@ def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_
     return LoadedModel(model, tokenizer, info, dtype, session)
 
 
-def _load_native(info: ModelInfo, dtype, config_overrides):
+def _load_native(info: ModelInfo, dtype, config_overrides, check_tokenizer=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     config = AutoConfig.from_pretrained(str(info.path))
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
@@ -203,12 +289,14 @@ def _load_native(info: ModelInfo, dtype, config_overrides):
     return model, tokenizer
 
 
-def _load_remote(info: ModelInfo, dtype, session, config_overrides):
+def _load_remote(info: ModelInfo, dtype, session, config_overrides, check_tokenizer=None):
     config_cls, model_cls, tokenizer_cls = session.remote_classes
     if tokenizer_cls is None:
         raise ModelError(f"{info.path}: no tokenizer_config.json with an auto_map AutoTokenizer entry; copy the "
                          "tokenizer files of the model download into the folder")
     tokenizer = tokenizer_cls.from_pretrained(str(info.path))
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     config = config_cls.from_pretrained(str(info.path))
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)

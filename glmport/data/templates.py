@@ -5,6 +5,9 @@ GLM-4 ``finetune_demo/finetune.py``), including the one-token right shift of the
 tokenizer calls are used (``convert_tokens_to_ids`` for the special tokens, ``encode(text,
 add_special_tokens=False)`` for text), so the same code serves the remote-code tokenizers, the native
 fast ones and glmport's tiny test tokenizers.
+
+Which template a tokenizer gets is decided from evidence, never from fixed ids (:func:`detect_family`): the
+special tokens the tokenizer has, its chat template, and the model's config.json; an override must agree.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from glmport.data.records import Conversation, Message, learned_by_default
 from glmport.data.spans import IGNORE_INDEX, Rendered, Span, shifted_labels
 from glmport.data.truncation import fit_to_budget
 from glmport.errors import ConfigError, DataError, ModelError, Problem
+from glmport.modeling import (
+    FAMILY_TITLES,
+    SUPPORTED_FAMILIES,
+    config_evidence,
+    family_names,
+    unsupported_family,
+)
 
-TEMPLATES = ("chatglm3", "glm4")
-# Where [gMASK] sits tells the families apart (ChatGLM3: after the 64789 SentencePiece pieces;
-# GLM-4: after the 151329 tiktoken ranks).
-GMASK_IDS = {64790: "chatglm3", 151331: "glm4"}
+TEMPLATES = SUPPORTED_FAMILIES  # one template per supported family, of the same name
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Template:
     """What both families share: the sample layout around the per-message rendering."""
 
     name = ""
+    detection: Detection | None = None  # why this template (set by get_template)
     stop_token_ids: list[int]
     pad_token_id: int
 
@@ -220,30 +228,188 @@ def _overrides_chat_template(tokenizer) -> bool:
     return method is not None and method is not PreTrainedTokenizerBase.apply_chat_template
 
 
-def detect_template(tokenizer) -> str:
-    """``chatglm3`` or ``glm4``, from where the tokenizer keeps [gMASK]."""
-    gmask = tokenizer.convert_tokens_to_ids("[gMASK]")
-    if gmask in GMASK_IDS:
-        return GMASK_IDS[gmask]
-    raise ModelError("cannot tell the chat template from the tokenizer", [Problem(
-        "tokenizer", f"[gMASK] is at id {gmask}, not at 64790 (ChatGLM3) or 151331 (GLM-4)",
-        "use a ChatGLM3 / GLM-4 tokenizer, or name the template (--template chatglm3|glm4)")])
+# --- which family: the evidence --------------------------------------------------------------------------------
+
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+# what the generations' tokenizers have (ids read from the tokenizer, never assumed):
+#   ChatGLM-6B   [gMASK] <sop>                                   (no role tokens, no <|endoftext|>)
+#   ChatGLM2-6B  [gMASK] sop                                     (no role tokens)
+#   ChatGLM3-6B  [gMASK] sop   <|system|> <|user|> ...
+#   GLM-4        [gMASK] <sop> <|system|> <|user|> ... <|endoftext|>
+PROBED = ("[gMASK]", "sop", "<sop>", "<|endoftext|>")
+# marks in a chat template: the prefix it writes, or the 问/答 rounds of the generations before role tokens
+CHAT_TEMPLATE_MARKS = (("[gMASK]<sop>", {"glm4"}, "writes [gMASK]<sop>"),
+                       ("[gMASK]sop", {"chatglm3"}, "writes [gMASK]sop"),
+                       ("问：", {"chatglm", "chatglm2"}, "writes [Round N] 问/答 prompts"))
 
 
-def get_template(name: str, tokenizer, *, combine: bool = False) -> Template:
-    """The template called ``name`` ("auto" detects it from the tokenizer)."""
-    if name == "auto":
-        name = detect_template(tokenizer)
-    if name == "glm4":
-        return GLM4Template(tokenizer, combine=combine)
-    if name not in TEMPLATES:
+def known_token_id(tokenizer, token: str) -> int | None:
+    """The id ``tokenizer`` gives ``token`` as one whole token, or None when it does not have it (unknown
+    tokens come back as the unk id, as None, or raise, depending on the tokenizer; a token that maps back
+    to something else, e.g. GLM-4's byte tokens, is not it either)."""
+    try:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+    except Exception:  # GLM-4's remote tokenizer: KeyError for a text that is not a rank
+        return None
+    if not isinstance(token_id, int) or token_id == getattr(tokenizer, "unk_token_id", None):
+        return None
+    try:
+        back = tokenizer.convert_ids_to_tokens(token_id)
+    except Exception:
+        return token_id
+    return token_id if back in (token, None) else None
+
+
+@dataclass(frozen=True)
+class TokenizerEvidence:
+    family: str | None  # None: no layout of a known generation
+    facts: str  # "tokenizer has [gMASK] 64790, sop 64792, ...; no <sop>, <|endoftext|>"
+    chat_families: frozenset[str] | None  # what its chat template's marks allow; None: no mark (or no template)
+    chat_facts: str  # "no chat_template", "chat_template writes [gMASK]<sop>", ...
+
+
+def tokenizer_evidence(tokenizer) -> TokenizerEvidence:
+    ids = {token: known_token_id(tokenizer, token) for token in (*PROBED, *ROLE_TOKENS)}
+    roles = [ids[t] for t in ROLE_TOKENS]
+    family = None
+    if ids["[gMASK]"] is not None:
+        if all(i is not None for i in roles):
+            if ids["<sop>"] is not None and ids["<|endoftext|>"] is not None and ids["sop"] is None:
+                family = "glm4"
+            elif ids["sop"] is not None and ids["<sop>"] is None:
+                family = "chatglm3"
+        elif all(i is None for i in roles):
+            if ids["sop"] is not None and ids["<sop>"] is None:
+                family = "chatglm2"
+            elif ids["<sop>"] is not None and ids["sop"] is None and ids["<|endoftext|>"] is None:
+                family = "chatglm"
+    has = [f"{t} {ids[t]}" for t in PROBED if ids[t] is not None]
+    lacks = [t for t in PROBED if ids[t] is None]
+    if all(i is not None for i in roles):
+        has.append("/".join(ROLE_TOKENS) + " " + "/".join(str(i) for i in roles))
+    elif all(i is None for i in roles):
+        lacks.insert(0, "role tokens (<|user|>...)")
+    else:
+        has += [f"{t} {i}" for t, i in zip(ROLE_TOKENS, roles) if i is not None]
+        lacks += [t for t, i in zip(ROLE_TOKENS, roles) if i is None]
+    facts = f"tokenizer has {', '.join(has)}" + (f"; no {', '.join(lacks)}" if lacks else "") if has else \
+        f"tokenizer has no {', '.join(lacks)}"
+    chat_families, chat_facts = _chat_template_evidence(tokenizer)
+    return TokenizerEvidence(family, facts, chat_families, chat_facts)
+
+
+def _chat_template_evidence(tokenizer) -> tuple[frozenset[str] | None, str]:
+    text = getattr(tokenizer, "chat_template", None)
+    if isinstance(text, dict):  # named templates
+        text = "\n".join(str(t) for t in text.values())
+    if not isinstance(text, str) or not text:
+        return None, "no chat_template"
+    for mark, families, says in CHAT_TEMPLATE_MARKS:
+        if mark in text:
+            return frozenset(families), f"chat_template {says}"
+    return None, "a chat_template without a family's marks"
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The family of a tokenizer (and model), the template it gets, and the evidence, for the run's log."""
+
+    family: str
+    template: str
+    chosen_by: str  # "detected", or the key of the template override that agreed with the evidence
+    evidence: tuple[str, ...]
+
+    def describe(self) -> str:
+        how = "" if self.chosen_by == "detected" else f" ({self.chosen_by}, agrees with the evidence)"
+        return f"template {self.template}{how}: " + "; ".join(self.evidence)
+
+    def as_dict(self) -> dict:
+        return {"family": self.family, "template": self.template, "chosen_by": self.chosen_by,
+                "evidence": list(self.evidence)}
+
+
+def _disagree(message: str, one: tuple[str, str], other: tuple[str, str], fix: str) -> ModelError:
+    return ModelError(message, [Problem(one[0], one[1]), Problem(other[0], other[1], fix)])
+
+
+def detect_family(tokenizer, config: dict | None = None, *, template: str = "auto", model_family: str = "auto",
+                  template_key: str = "glmport.template (--template)",
+                  family_key: str = "glmport.model_family") -> Detection:
+    """Decide the family from the evidence, refusing when it disagrees.
+
+    The evidence: the tokenizer's special tokens (:func:`tokenizer_evidence`), its chat template, and
+    ``config`` (the model's config.json, :func:`glmport.modeling.config_evidence`). The overrides
+    (``template``, ``model_family``) must agree with it; an explicit template that agrees wins, and one
+    decides on its own only for a tokenizer of no known layout (its tokens are checked when it is built).
+    ChatGLM-6B and ChatGLM2-6B are recognised and refused: glmport does not train them yet.
+    """
+    tok = tokenizer_evidence(tokenizer)
+    cfg = config_evidence(config) if config is not None else None
+    evidence = (tok.facts, tok.chat_facts) + ((cfg.facts,) if cfg else ())
+    tokens = ("tokenizer", f"{tok.facts} ({tok.family})")
+    if tok.family and tok.chat_families and tok.family not in tok.chat_families:
+        raise _disagree("the tokenizer's special tokens and its chat_template are of different generations", tokens,
+                        ("tokenizer", f"{tok.chat_facts} ({family_names(tok.chat_families)})"),
+                        "use the tokenizer files that came with the model (tokenizer_config.json holds the template)")
+    if tok.family and cfg and cfg.families and tok.family not in cfg.families:
+        raise _disagree("the model's config.json and its tokenizer are of different generations",
+                        ("config.json", f"{cfg.facts} ({family_names(cfg.families)})"), tokens,
+                        "put the tokenizer files of the same model download next to its config.json")
+    if model_family not in ("auto", None) and template not in ("auto", None) and template != model_family:
+        raise _disagree(f"{template_key} {template} contradicts {family_key} {model_family}",
+                        (template_key, template), (family_key, model_family), "remove one of them, or make them equal")
+    for key, value in ((family_key, model_family), (template_key, template)):
+        if value in ("auto", None):
+            continue
+        if tok.family and value != tok.family:
+            if tok.family not in SUPPORTED_FAMILIES:
+                error = unsupported_family(tok.family, "tokenizer", tok.facts)
+                error.problems.insert(0, Problem(key, f"{value} was asked for"))
+                raise error
+            raise _disagree(f"{key} {value} contradicts the tokenizer", (key, f"{value} was asked for"), tokens,
+                            f"remove {key} (glmport detects the family), or use a {FAMILY_TITLES[value]} tokenizer")
+        if cfg and cfg.families and value not in cfg.families:
+            raise _disagree(f"{key} {value} contradicts config.json", (key, f"{value} was asked for"),
+                            ("config.json", f"{cfg.facts} ({family_names(cfg.families)})"),
+                            f"remove {key} (glmport detects the family), or use a {FAMILY_TITLES[value]} model")
+    only = next(iter(cfg.families)) if cfg and cfg.families and len(cfg.families) == 1 else None
+    family = tok.family or next((v for v in (model_family, template) if v not in ("auto", None)), None) or only
+    if family is None:
+        raise ModelError("cannot tell which model family the tokenizer belongs to", [Problem(
+            "tokenizer", "; ".join(evidence) + " (no ChatGLM3 / GLM-4 layout)",
+            "use the tokenizer of a ChatGLM3 / GLM-4 model, or name the template (glmport.template / --template "
+            "chatglm3|glm4) when this tokenizer has that family's special tokens")])
+    if family not in SUPPORTED_FAMILIES:
+        raise unsupported_family(family, "tokenizer" if tok.family else "config.json",
+                                 tok.facts if tok.family else cfg.facts)
+    chosen_by = template_key if template not in ("auto", None) else "detected"
+    return Detection(family, family, chosen_by, evidence)
+
+
+def detect_template(tokenizer, config: dict | None = None) -> str:
+    """``chatglm3`` or ``glm4``: :func:`detect_family` without overrides."""
+    return detect_family(tokenizer, config).template
+
+
+def get_template(name: str, tokenizer, *, combine: bool = False, config: dict | None = None,
+                 model_family: str = "auto", detection: Detection | None = None) -> Template:
+    """The template called ``name`` ("auto": the detected one) for ``tokenizer``; ``name`` must agree with
+    the tokenizer (see :func:`detect_family`; pass ``detection`` when the caller has run it already)."""
+    if name not in ("auto", *TEMPLATES):
         raise ConfigError(f"unknown template {name!r}", [Problem("template", f"{name!r} is not a template",
                                                                   f"use auto, {' or '.join(TEMPLATES)}")])
-    if combine:
+    detection = detection or detect_family(tokenizer, config, template=name, model_family=model_family)
+    name = detection.template
+    if name == "glm4":
+        template = GLM4Template(tokenizer, combine=combine)
+    elif combine:
         raise ConfigError("combine is a GLM-4 option", [Problem(
             "combine", "the ChatGLM3 recipe has no combine mode (it always learns every reply)",
             "set combine: false, or use a GLM-4 model")])
-    return ChatGLM3Template(tokenizer)
+    else:
+        template = ChatGLM3Template(tokenizer)
+    template.detection = detection
+    return template
 
 
 def sanity_rows(tokenizer, sample: TrainSample) -> list[tuple[str, int, int]]:
@@ -258,6 +424,7 @@ def sanity_rows(tokenizer, sample: TrainSample) -> list[tuple[str, int, int]]:
 
 
 __all__ = [
-    "IGNORE_INDEX", "TEMPLATES", "ChatGLM3Template", "EvalSample", "GLM4Template", "Template", "TrainSample",
-    "detect_template", "get_template", "sanity_rows",
+    "IGNORE_INDEX", "TEMPLATES", "ChatGLM3Template", "Detection", "EvalSample", "GLM4Template", "Template",
+    "TokenizerEvidence", "TrainSample", "detect_family", "detect_template", "get_template", "sanity_rows",
+    "tokenizer_evidence",
 ]

@@ -11,8 +11,8 @@ import logging
 import os
 
 from glmport.data.loader import LoadResult
-from glmport.data.templates import get_template
-from glmport.errors import GlmportError
+from glmport.data.templates import Detection, detect_family, get_template
+from glmport.errors import GlmportError, ModelError, Problem
 from glmport.modeling import inspect_model_dir, load_model, resolve_dtype
 from glmport.train.dataset import build_datasets
 from glmport.train.inputs import remote_code_consent
@@ -33,11 +33,24 @@ def load_base_model(run: TrainingRun, patch_sets) -> None:
     if note:
         log.warning(note)
         run.notes.append(note)
+    detected: list[Detection] = []
+
+    def detect(tokenizer) -> None:  # before the weights load: a tokenizer of another generation stops here
+        detected.append(detect_family(tokenizer, info.config, template=config.glmport.template,
+                                      model_family=config.glmport.model_family, template_key="glmport.template"))
+        if detected[0].family != info.family:  # only when config.json did not say (info.family_from == "guess")
+            raise ModelError(f"{info.path}: config.json does not tell the model family; its tokenizer does", [Problem(
+                "glmport.model_family", f"{'; '.join(detected[0].evidence)}: a {detected[0].family} tokenizer, but "
+                f"{info.family} was assumed for the patches and dtype", f"set glmport.model_family: {detected[0].family}")])
+
     run.loaded = load_model(
         info, backend, mode="train", dtype=dtype, patch_sets=patch_sets,
         config_overrides=prefix_config_overrides(info, config.peft_config), consent=remote_code_consent(config),
+        check_tokenizer=detect,
     )
-    run.template = get_template(config.glmport.template, run.loaded.tokenizer, combine=config.combine)
+    log.info("%s", detected[0].describe())
+    run.template = get_template(detected[0].template, run.loaded.tokenizer, combine=config.combine,
+                                detection=detected[0])
 
 
 def build_data(run: TrainingRun, records: dict[str, LoadResult], has_eval: bool) -> None:

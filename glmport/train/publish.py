@@ -79,6 +79,8 @@ def _write_result(run: TrainingRun, staging: Path) -> None:
         "model_kind": info.kind,
         "model_family": info.family,
         "template": run.template.name,
+        # why this template: the tokenizer's tokens and config.json facts it was decided from
+        "family_detection": run.template.detection.as_dict() if run.template.detection else None,
         "combine": run.config.combine,
         "backend": run.backend.name,
         "dtype": str(run.loaded.dtype).replace("torch.", ""),

@@ -224,7 +224,9 @@ def test_stop_and_pad_ids(tok3, tok4):
 
 
 def test_detection_and_mismatches(tok3, tok4):
+    # the tokenizer's own special tokens decide (tests/unit/test_family_detection.py has the whole story)
     assert (detect_template(tok3), detect_template(tok4)) == ("chatglm3", "glm4")
+    assert get_template("auto", tok3).detection.family == "chatglm3"
 
     class Plain:
         unk_token_id = 0
@@ -232,9 +234,9 @@ def test_detection_and_mismatches(tok3, tok4):
         def convert_tokens_to_ids(self, token):
             return 0
 
-    with pytest.raises(ModelError, match=r"\[gMASK\] is at id 0, not at 64790 \(ChatGLM3\) or 151331 \(GLM-4\)"):
+    with pytest.raises(ModelError, match=r"cannot tell which model family the tokenizer belongs to"):
         detect_template(Plain())
-    with pytest.raises(ModelError, match="the tokenizer has no <sop> token"):
+    with pytest.raises(ModelError, match=r"glmport\.template \(--template\) glm4 contradicts the tokenizer"):
         get_template("glm4", tok3)
     with pytest.raises(ConfigError, match="combine is a GLM-4 option"):
         get_template("chatglm3", tok3, combine=True)
