@@ -39,9 +39,9 @@ def test_train(kind, method, backend, models, data_dir, tmp_path):
     assert "eval" in s and math.isfinite(s["eval"]["loss"]) and "rouge-1" in s["eval"]
     content, files = EXPECTED_RESULT[(kind, method)]
     final = tmp_path / "out" / "final"
-    result = json.loads((final / "glmport_result.json").read_text())
-    assert result["content"] == content
-    assert result["family_detection"]["family"] == "chatglm3" and result["family_detection"]["evidence"]
+    published = json.loads((final / "glmport_result.json").read_text())
+    assert published["content"] == content
+    assert published["family_detection"]["family"] == "chatglm3" and published["family_detection"]["evidence"]
     for name in files:
         assert (final / name).is_file(), name
     assert (tmp_path / "out" / "checkpoint-2" / "glmport_checkpoint.json").is_file()
