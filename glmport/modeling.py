@@ -3,7 +3,7 @@
 Two kinds of folders:
 
 * **native**: ``model_type: glm`` (transformers' ``GlmForCausalLM``, e.g. glm-4-9b-chat-hf, or a converted
-  ChatGLM3);
+  ChatGLM3) or ``model_type: glm4`` (``Glm4ForCausalLM``, GLM-4-0414, e.g. GLM-4-9B-0414: family glm4);
 * **remote**: ``model_type: chatglm`` with ``modeling_chatglm.py`` and friends in the folder (the ChatGLM3-6B
   and GLM-4-9B-chat downloads), loaded with ``trust_remote_code``.
 
@@ -27,6 +27,7 @@ from glmport.errors import ModelError, PatchError, Problem
 
 log = logging.getLogger("glmport")
 
+NATIVE_MODEL_TYPES = ("glm", "glm4")  # GlmForCausalLM, Glm4ForCausalLM (GLM-4-0414)
 GLM4_VOCAB = 151552  # GLM-4-9B: 151329 tiktoken ranks + specials, padded
 SENTENCEPIECE_VOCAB = 65024  # ChatGLM2-6B and ChatGLM3-6B: the same SentencePiece model, padded
 CHATGLM6B_VOCAB = 130528  # ChatGLM-6B (v1): icetk
@@ -121,7 +122,7 @@ def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
     except json.JSONDecodeError as exc:
         raise ModelError(f"{config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     model_type = config.get("model_type")
-    if model_type == "glm":
+    if model_type in NATIVE_MODEL_TYPES:
         kind = "native"
     elif model_type == "chatglm":
         kind = "remote"
@@ -131,7 +132,8 @@ def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
     else:
         raise ModelError(
             f"{config_file}: model_type {model_type!r} is not a GLM-family model; glmport trains ChatGLM3 / "
-            "GLM-4 remote-code folders (model_type chatglm) and native GLM folders (model_type glm)"
+            "GLM-4 remote-code folders (model_type chatglm) and native GLM folders (model_type glm, or glm4 for "
+            "GLM-4-0414)"
         )
     evidence = config_evidence(config)
     allowed = evidence.families

@@ -7,7 +7,7 @@ backend from a plugin gets the patches its capabilities call for:
 |---|---|---|---|
 | ``compat`` | — (every backend) | infer, train | the remote code on transformers 5 (config, generation, checkpointing, init, tokenizer) |
 | ``no-torchscript`` | ``no-torchscript`` (cpu, mlu) | infer, train | TorchScript fuser flags restored, RoPE without ``@torch.jit.script`` |
-| ``int32`` | ``lacks-64bit`` (mlu) | infer, train | int32 positions and prefix ids; for native GLM classes int32 masks and positions |
+| ``int32`` | ``lacks-64bit`` (mlu) | infer, train | int32 positions and prefix ids; for native GLM classes (``Glm``, ``Glm4``) int32 masks and positions |
 | ``accelerator`` | ``accelerator`` (cuda, mlu) | infer, train | attention without dense masks or boolean ``tril_`` (the variable-length kernel when the backend has one, SDPA otherwise), rotary table once; in training the label-row loss |
 
 Each patch lives in a module of this package that says which upstream construct it replaces and why.
@@ -20,6 +20,7 @@ from glmport.hookspecs import hookimpl
 from glmport.patching import PatchSet
 
 FAMILIES = ("chatglm3", "glm4")
+NATIVE_FAMILIES = ("glm-native", "glm4-native")  # transformers' modeling_glm and modeling_glm4
 
 
 def builtin_patch_sets() -> list[PatchSet]:
@@ -44,7 +45,8 @@ def builtin_patch_sets() -> list[PatchSet]:
                  per_family(lambda f: [torchscript.patch(f, requires=no_torchscript)])),
         PatchSet("int32", "devices without 64-bit kernels", per_family(lambda f: [
             int32.patch(f, requires=lacks_64bit),
-        ]) + [native_mask32.patch(requires=lacks_64bit), native_positions32.patch(requires=lacks_64bit)]),
+        ]) + [patch for family in NATIVE_FAMILIES for patch in (
+            native_mask32.patch(family, requires=lacks_64bit), native_positions32.patch(family, requires=lacks_64bit))]),
         PatchSet("accelerator", "accelerators: attention, rotary table, training loss", per_family(lambda f: [
             attention.patch(f, requires=accelerator),
             rotary_cache.patch(f, requires=accelerator),

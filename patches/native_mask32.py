@@ -1,8 +1,9 @@
-"""Native GLM (transformers' ``GlmModel``): build the attention mask with 32-bit indices.
+"""Native GLM (transformers' ``GlmModel`` and ``Glm4Model``): build the attention mask with 32-bit indices.
 
 transformers builds causal/padding masks from ``torch.arange`` index tensors, which are int64; on a device
 without 64-bit kernels every mask of every step is computed through narrowed data. This replacement of
-``create_causal_mask`` (as imported by ``modeling_glm``) compares int32 positions instead. It returns
+``create_causal_mask`` (as imported by ``modeling_glm`` or ``modeling_glm4``: the same function, called the
+same way) compares int32 positions instead. It returns
 ``None`` where no mask is needed (no padding, SDPA: the kernel's causal flag does the job) and
 otherwise a ``[batch, 1, query, key]`` mask: boolean for SDPA-style kernels, additive float for eager.
 Each query row can at least see itself, so left-padded rows never softmax over nothing.
@@ -44,10 +45,11 @@ def apply(ctx) -> None:
     ctx.replace("create_causal_mask", mask32)
 
 
-def patch(*, requires) -> Patch:
+def patch(family: str = "glm-native", *, requires) -> Patch:
+    """``family``: ``glm-native`` (``modeling_glm``) or ``glm4-native`` (``modeling_glm4``)."""
     return Patch(
         id="native-mask32",
-        family="glm-native",
+        family=family,
         file="transformers",
         replaces=("create_causal_mask",),
         why="transformers' mask builder indexes with int64 aranges; build the causal/padding mask from int32 positions",

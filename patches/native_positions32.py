@@ -1,6 +1,7 @@
-"""Native GLM (transformers' ``GlmModel``): default position ids in int32.
+"""Native GLM (transformers' ``GlmModel`` and ``Glm4Model``): default position ids in int32.
 
-When no ``position_ids`` are passed (generation never passes them for GLM), ``GlmModel.forward`` builds
+When no ``position_ids`` are passed (generation never passes them for GLM), ``GlmModel.forward`` (and
+``Glm4Model.forward``, the same signature and the same construct) builds
 them with ``torch.arange`` (int64) plus the cache length. This wrapper builds the same positions in int32
 before calling the original forward, so the numbers are unchanged and nothing 64-bit reaches the device.
 """
@@ -12,6 +13,7 @@ import functools
 from glmport.patching import Patch
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache
+MODEL_CLASSES = {"glm-native": "GlmModel", "glm4-native": "Glm4Model"}  # patch family -> the class patched
 
 
 def apply(ctx) -> None:
@@ -19,7 +21,8 @@ def apply(ctx) -> None:
 
     import torch
 
-    original = ctx.original("GlmModel.forward")
+    target = ctx.patch.replaces[0]
+    original = ctx.original(target)
     signature = inspect.signature(original)
     cache_name = next(name for name in CACHE_ARGUMENTS if name in signature.parameters)
 
@@ -43,16 +46,18 @@ def apply(ctx) -> None:
                 by_name[name] = value
         return original(self, **by_name)
 
-    ctx.replace("GlmModel.forward", forward)
+    ctx.replace(target, forward)
 
 
-def patch(*, requires) -> Patch:
+def patch(family: str = "glm-native", *, requires) -> Patch:
+    """``family``: ``glm-native`` (``GlmModel``) or ``glm4-native`` (``Glm4Model``)."""
+    target = f"{MODEL_CLASSES[family]}.forward"
     return Patch(
         id="native-positions32",
-        family="glm-native",
+        family=family,
         file="transformers",
-        replaces=("GlmModel.forward",),
-        why="GlmModel.forward builds default position ids with an int64 arange; build the same ones in int32",
+        replaces=(target,),
+        why=f"{target} builds default position ids with an int64 arange; build the same ones in int32",
         apply=apply,
         requires=requires,
     )

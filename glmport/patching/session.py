@@ -3,7 +3,8 @@
 Order of events (nothing is patched at import time):
 
 1. capture process state the remote code changes when imported (TorchScript fuser flags);
-2. import the folder's dynamic modules (remote) or transformers' GLM module (native);
+2. import the folder's dynamic modules (remote) or the transformers module of its ``model_type`` (native:
+   ``modeling_glm`` for ``glm``, ``modeling_glm4`` for ``glm4``, see :data:`NATIVE_MODULES`);
 3. preflight: identify every file's revision, select the patches for family/backend/mode, resolve every
    target; all problems are reported in one :class:`~glmport.errors.PatchError`;
 4. apply through a :class:`PatchRecorder` (:func:`apply_patches`, the one apply path: ``glmport train``,
@@ -37,7 +38,17 @@ from glmport.patching.recorder import PatchRecorder
 log = logging.getLogger("glmport")
 SESSION_ATTR = "_glmport_patch_session"
 STATE_ATTR = "_glmport_state_before_import"
-NATIVE_MODULE = "transformers.models.glm.modeling_glm"
+# native folders: config.json model_type -> (transformers module the patches target, patch family)
+NATIVE_MODULES = {
+    "glm": ("transformers.models.glm.modeling_glm", "glm-native"),  # GlmForCausalLM (glm-4-9b-chat-hf)
+    "glm4": ("transformers.models.glm4.modeling_glm4", "glm4-native"),  # Glm4ForCausalLM (GLM-4-0414)
+}
+NATIVE_MODULE = NATIVE_MODULES["glm"][0]
+
+
+def native_module_name(info) -> str:
+    """The transformers module a native folder's classes (and its patches' targets) live in."""
+    return NATIVE_MODULES[info.config.get("model_type", "glm")][0]
 
 
 @dataclass
@@ -52,7 +63,7 @@ class PlannedPatch:
 class PatchPlan:
     model_dir: Path
     kind: str
-    family: str  # chatglm3 | glm4 | glm-native
+    family: str  # chatglm3 | glm4 | glm-native | glm4-native
     backend: str
     mode: str
     files: dict[str, FileIdentity]
@@ -78,7 +89,11 @@ class PatchPlan:
 
 
 def _patch_family(info) -> str:
-    return "glm-native" if info.kind == "native" else info.family
+    """Remote folders: the family of their code; native folders: the transformers module's (``glm-native``,
+    ``glm4-native``), since the patches target that module's classes whatever the tokenizer."""
+    if info.kind == "native":
+        return NATIVE_MODULES[info.config.get("model_type", "glm")][1]
+    return info.family
 
 
 def make_plan(info, backend, mode: str, registry, *, modules: dict | None = None,
@@ -200,7 +215,7 @@ def load_modules(info) -> tuple[dict[str, Any], tuple]:
     if info.kind == "native":
         import importlib
 
-        module = importlib.import_module(NATIVE_MODULE)
+        module = importlib.import_module(native_module_name(info))
         module.__dict__.setdefault(STATE_ATTR, before_import)
         return {"transformers": module}, ()
     from transformers.dynamic_module_utils import get_class_from_dynamic_module

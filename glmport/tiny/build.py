@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from glmport.tiny.tokenizer import LAYOUTS, SpecialLayout, save_fast_tokenizer
+from glmport.tiny.tokenizer import LAYOUTS, SpecialLayout, build_fast_tokenizer, save_fast_tokenizer
 
 REMOTE_SOURCE = Path(__file__).resolve().parent / "remote"
 
@@ -39,8 +39,13 @@ def _chat_eos_ids(layout: SpecialLayout) -> list[int]:
     return [eos, layout.specials["<|user|>"], layout.specials["<|observation|>"]]
 
 
-def native_model(shape: TinyShape, layout: SpecialLayout, seed: int, used_ids: list[int] | None = None):
-    """A random GlmForCausalLM with a learnable output layer.
+NATIVE_ARCHS = ("glm", "glm4")  # config.json model_type: GlmForCausalLM, Glm4ForCausalLM (GLM-4-0414)
+
+
+def native_model(shape: TinyShape, layout: SpecialLayout, seed: int, used_ids: list[int] | None = None,
+                 arch: str = "glm"):
+    """A random GlmForCausalLM (``arch`` glm) or Glm4ForCausalLM (``arch`` glm4: GLM-4-0414's layers, with the
+    extra post-attention and post-MLP norms) with a learnable output layer.
 
     A random output layer over ChatGLM's 65k ids cannot be fine-tuned into anything: tens of thousands
     of unused ids share the probability mass with the few hundred the tokenizer really produces, and the
@@ -49,9 +54,12 @@ def native_model(shape: TinyShape, layout: SpecialLayout, seed: int, used_ids: l
     start at zero, rows of real tokens at N(0, 0.125), and the final norm at 4 so logits have range.
     """
     import torch
-    from transformers import GlmConfig, GlmForCausalLM
+    from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
-    config = GlmConfig(
+    if arch not in NATIVE_ARCHS:
+        raise ValueError(f"unknown native architecture {arch!r}; choose one of {', '.join(NATIVE_ARCHS)}")
+    config_cls, model_cls = (GlmConfig, GlmForCausalLM) if arch == "glm" else (Glm4Config, Glm4ForCausalLM)
+    config = config_cls(
         vocab_size=layout.padded_vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.ffn_hidden_size,
@@ -70,7 +78,7 @@ def native_model(shape: TinyShape, layout: SpecialLayout, seed: int, used_ids: l
                          "partial_rotary_factor": 0.5},
     )
     torch.manual_seed(seed)
-    model = GlmForCausalLM(config)
+    model = model_cls(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -90,17 +98,30 @@ def used_token_ids(layout: SpecialLayout, seed_text: str) -> list[int]:
     return [i for token, i in base_vocabulary(layout, seed_text).items() if not token.startswith("<unused_")]
 
 
-def build_native(target: Path, *, family: str = "chatglm3", seed: int = 0, seed_text: str = "", **shape) -> None:
+def build_native(target: Path, *, family: str = "chatglm3", arch: str = "glm", seed: int = 0, seed_text: str = "",
+                 **shape) -> None:
+    """``arch`` glm4 (GLM-4-0414) needs the glm4 family: those models ship GLM-4's tokenizer, with a
+    ``chat_template`` in tokenizer_config.json, which the tiny folder gets too."""
     layout = _layout(family)
-    model = native_model(TinyShape(**shape), layout, seed, used_token_ids(layout, seed_text))
+    if arch == "glm4" and family != "glm4":
+        raise ValueError(f"architecture glm4 (GLM-4-0414) uses the glm4 tokenizer layout, not {family}")
+    model = native_model(TinyShape(**shape), layout, seed, used_token_ids(layout, seed_text), arch)
     # the generation config names the same special ids as the tokenizer, so transformers has nothing to
     # align (and no warning to print) when the model is loaded for training or generation
     model.generation_config.pad_token_id = model.config.pad_token_id
     model.generation_config.bos_token_id = model.config.bos_token_id
     model.generation_config.eos_token_id = _chat_eos_ids(layout)
     model.save_pretrained(str(target))
-    save_fast_tokenizer(target, layout, seed_text)
-    _write_marker(target, "tiny-native", family, seed)
+    if arch == "glm4":
+        from glmport.tiny.remote import GLM4_CHAT_TEMPLATE
+
+        tokenizer = build_fast_tokenizer(layout, seed_text)
+        tokenizer.chat_template = GLM4_CHAT_TEMPLATE  # saved into tokenizer_config.json / chat_template.jinja
+        tokenizer.save_pretrained(str(target))
+        _write_marker(target, "tiny-native", family, seed, arch=arch)
+    else:
+        save_fast_tokenizer(target, layout, seed_text)
+        _write_marker(target, "tiny-native", family, seed)
 
 
 def remote_state_dict(native) -> dict:

@@ -9,7 +9,7 @@ P-Tuning v2:
 * ChatGLM3 remote code has its own prefix encoder (``config.pre_seq_len``), whose key/value layout
   ``[seq, batch, kv_groups, head_dim]`` peft's prefix tuning does not produce (zai-org/ChatGLM3#359);
   we use the model's own, as the upstream demo does, and train only ``transformer.prefix_encoder``.
-* Everything else (GLM-4 remote code, native GLM) uses peft ``PREFIX_TUNING`` with the key/value-head
+* Everything else (GLM-4 remote code, native ``Glm``/``Glm4`` classes) uses peft ``PREFIX_TUNING`` with the key/value-head
   geometry filled in: ``num_attention_heads`` = key/value heads and ``token_dim`` = kv heads x head dim.
   peft's defaults use the query heads, which is wrong for these grouped-query models.
 """
@@ -26,6 +26,7 @@ from glmport.errors import ConfigError
 
 log = logging.getLogger("glmport")
 
+# native: GlmAttention and Glm4Attention (GLM-4-0414) name their projections alike, as GLM-4's finetune.py targets them
 LORA_TARGETS = {"native": ["q_proj", "k_proj", "v_proj"], "remote": ["query_key_value"]}
 
 
@@ -50,7 +51,7 @@ def _linear_names(model) -> set[str]:
 
 
 def _geometry(config) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) from a native GlmConfig or a remote ChatGLMConfig."""
+    """(layers, kv heads, head dim) from a native GlmConfig / Glm4Config or a remote ChatGLMConfig."""
     layers = getattr(config, "num_hidden_layers", None) or config.num_layers
     kv = getattr(config, "num_key_value_heads", None) or getattr(config, "multi_query_group_num", None)
     head_dim = getattr(config, "head_dim", None) or getattr(config, "kv_channels", None)
