@@ -125,11 +125,12 @@ def _with_result(model, content: str, path: Path, backend):
     if content == "adapter":
         from peft import PeftModel
 
-        from glmport.train.methods import narrow_prompt_tokens
+        from glmport.train.methods import narrow_prompt_tokens, quiet_peft
 
         # Adapter weights are read on the host and moved with the model below: loaders disagree on which
         # device strings they take (safetensors rejects "cpu:0", older releases know no "mlu").
-        model = PeftModel.from_pretrained(model, str(path), torch_device="cpu")
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, str(path), torch_device="cpu")
         narrow_prompt_tokens(model, backend)
     elif content == "prefix-encoder":
         from safetensors.torch import load_file  # safetensors: weights only, nothing in them is executed

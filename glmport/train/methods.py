@@ -16,6 +16,7 @@ P-Tuning v2:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -29,6 +30,15 @@ log = logging.getLogger("glmport")
 # native: GlmAttention and Glm4Attention (GLM-4-0414) name their projections alike, as GLM-4's finetune.py targets them
 LORA_TARGETS = {"native": ["q_proj", "k_proj", "v_proj"], "remote": ["query_key_value"]}
 
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers a deprecated question about checkpointing when it wraps a model; the
+    warning is between the two libraries, and nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 def uses_own_prefix_encoder(info, peft_config) -> bool:
     return (peft_config or {}).get("peft_type", "").upper() == "PREFIX_TUNING" and info.kind == "remote" \
@@ -94,9 +104,7 @@ def apply_method(model, info, method: str, peft_config: dict | None, backend=Non
                 f"do not match this model's key/value heads ({kv} heads x {head_dim} = {kv * head_dim}); "
                 "remove them and glmport fills them in"
             )
-    with warnings.catch_warnings():
-        # peft asks transformers a deprecated question about checkpointing; nothing a user can act on
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(model, get_peft_config(settings))
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
