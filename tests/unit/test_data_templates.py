@@ -16,7 +16,7 @@ from glmport.data.formats import read_record
 from glmport.data.records import Conversation, Message
 from glmport.data.templates import detect_template, get_template, sanity_rows
 from glmport.errors import ConfigError, DataError, ModelError
-from glmport.tiny.tokenizer import CHATGLM3, GLM4, build_fast_tokenizer
+from glmport.tiny.tokenizer import GLM4, build_fast_tokenizer
 
 X = -100  # no loss
 NL = 355
@@ -33,16 +33,6 @@ GMASK4, SOP4, SYSTEM4, USER4, ASSISTANT4, OBSERVATION4, EOT4 = 151331, 151333, 1
 def chars(text: str) -> list[int]:
     """Ids of printable text under the tiny tokenizers' one-character-per-token rule."""
     return [259 + string.printable.index(c) for c in text]
-
-
-@pytest.fixture(scope="module")
-def tok3():
-    return build_fast_tokenizer(CHATGLM3)
-
-
-@pytest.fixture(scope="module")
-def tok4():
-    return build_fast_tokenizer(GLM4)
 
 
 def conv(*pairs, source="t.jsonl:1") -> Conversation:

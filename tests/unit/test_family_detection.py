@@ -14,7 +14,7 @@ from glmport.errors import ConfigError, ModelError
 from glmport.modeling import config_evidence, inspect_model_dir
 from glmport.testing import run_cli
 from glmport.tiny import build_tiny_model
-from glmport.tiny.tokenizer import CHATGLM, CHATGLM2, CHATGLM3, GLM4, build_fast_tokenizer
+from glmport.tiny.tokenizer import CHATGLM, CHATGLM3, build_fast_tokenizer
 
 CHATGLM3_TOKENS = ("tokenizer has [gMASK] 64790, sop 64792, "
                    "<|system|>/<|user|>/<|assistant|>/<|observation|> 64794/64795/64796/64797; no <sop>, <|endoftext|>")
@@ -26,21 +26,6 @@ CHATGLM3_CONFIG = {"model_type": "chatglm", "padded_vocab_size": 65024}
 CHATGLM3_32K_CONFIG = {"model_type": "chatglm", "padded_vocab_size": 65024, "rope_ratio": 50}
 GLM4_CONFIG = {"model_type": "chatglm", "padded_vocab_size": 151552, "rope_ratio": 500}
 CHATGLM6B_CONFIG = {"model_type": "chatglm", "vocab_size": 130528, "position_encoding_2d": True}
-
-
-@pytest.fixture(scope="module")
-def tok3():
-    return build_fast_tokenizer(CHATGLM3)
-
-
-@pytest.fixture(scope="module")
-def tok4():
-    return build_fast_tokenizer(GLM4)
-
-
-@pytest.fixture(scope="module")
-def tok2():
-    return build_fast_tokenizer(CHATGLM2)
 
 
 def _tiny_tokenizer(kind: str, folder):
