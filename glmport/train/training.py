@@ -39,10 +39,11 @@ def announce(run: TrainingRun) -> None:
 
 def train(run: TrainingRun, trainer, *, resume_step: int) -> int:
     """Train (or restore, see module docs). Returns the number of optimizer steps this process trained."""
-    if run.resume_from is not None and resume_step >= planned_steps(trainer):
+    planned = planned_steps(trainer) if run.resume_from is not None else None  # epochs: builds a dataloader
+    if planned is not None and resume_step >= planned:
         restore_finished(trainer, run.resume_from)
         run.notes.append(f"nothing left to train: {Path(run.resume_from).name} is at step {resume_step} of "
-                         f"{planned_steps(trainer)}; published it without training")
+                         f"{planned}; published it without training")
         log.info(run.notes[-1])
         return 0
     stop = GracefulStop()

@@ -237,26 +237,21 @@ def variant_params(variants=None) -> list:
     return [pytest.param(v, id=v.id) for v in (variants or VARIANTS)]
 
 
-def _clear_device_caches() -> None:
-    """transformers and accelerate cache "is an MLU there" answers; forget what they saw under emulation."""
-    from glmport.backends._emulation import forget_device_probes
-
-    forget_device_probes()
-
-
 @contextlib.contextmanager
 def on_device(device: str | None):
     """Emulate ``device`` (``mlu``/``cuda``) for the block, or nothing for ``None``; every trace is removed."""
     if device is None:
         yield
         return
+    from glmport.backends._emulation import forget_device_probes
+
     from glmport.testing.emulation import emulating
 
     try:
         with emulating(device):
             yield
     finally:
-        _clear_device_caches()
+        forget_device_probes()  # what transformers and accelerate cached under emulation
 
 
 def manager():
