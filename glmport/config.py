@@ -75,8 +75,8 @@ class GlmportSettings:
     data_dir: str | None = None  # base of data_config paths; default: the config file's folder
     init_model: str | None = None  # tiny-native | tiny-remote: build model_dir offline when missing
     synthetic_data: dict | None = None  # {train: N, val: N, seed: S}: generate data files when missing
-    model_family: str = "auto"  # auto | chatglm3 | glm4
-    template: str = "auto"  # auto | chatglm3 | glm4
+    model_family: str = "auto"  # auto | chatglm | chatglm2 | chatglm3 | glm4
+    template: str = "auto"  # auto | chatglm | chatglm2 | chatglm3 | glm4
     data_format: str = "auto"  # auto, or one of glmport.data.formats.FORMATS
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16: dtype of frozen base weights
     guard_64bit: str = "auto"  # auto (on when emulating a device without 64-bit) | on | off | report
@@ -86,12 +86,13 @@ class GlmportSettings:
     allow_unverified_patches: bool = False  # patch remote code whose revision is not in the manifest
     trust_remote_code: bool | None = None  # None: run remote code only of a revision in the manifest
     plot: bool = True  # write loss.png at the end
+    packing: bool | None = None  # padding-free packed batches; None: where correct (glmport.data.packing)
     seed: int | None = None  # overrides training_args.seed
 
 
 CHOICES = {
-    "model_family": {"auto", "chatglm3", "glm4"},
-    "template": {"auto", "chatglm3", "glm4"},
+    "model_family": {"auto", "chatglm", "chatglm2", "chatglm3", "glm4"},
+    "template": {"auto", "chatglm", "chatglm2", "chatglm3", "glm4"},
     "data_format": {"auto", *FORMATS},
     "dtype": {"auto", "fp32", "bf16", "fp16"},
     "guard_64bit": {"auto", "on", "off", "report"},

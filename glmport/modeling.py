@@ -4,13 +4,14 @@ Two kinds of folders:
 
 * **native**: ``model_type: glm`` (transformers' ``GlmForCausalLM``, e.g. glm-4-9b-chat-hf, or a converted
   ChatGLM3) or ``model_type: glm4`` (``Glm4ForCausalLM``, GLM-4-0414, e.g. GLM-4-9B-0414: family glm4);
-* **remote**: ``model_type: chatglm`` with ``modeling_chatglm.py`` and friends in the folder (the ChatGLM3-6B
-  and GLM-4-9B-chat downloads), loaded with ``trust_remote_code``.
+* **remote**: ``model_type: chatglm`` with ``modeling_chatglm.py`` and friends in the folder (the ChatGLM-6B,
+  ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat downloads), loaded with ``trust_remote_code``.
 
-Family (``chatglm3`` or ``glm4``) decides the chat template, LoRA targets and dtype rules. config.json tells it
-from the vocabulary size (:func:`config_evidence`); the tokenizer's own special tokens confirm it and tell
-ChatGLM2-6B from ChatGLM3-6B, which share a config (:func:`glmport.data.templates.detect_family`). ChatGLM-6B and
-ChatGLM2-6B are recognised and refused (:func:`unsupported_family`): glmport does not train them yet. Patch sets are
+Family (``chatglm``, ``chatglm2``, ``chatglm3`` or ``glm4``) decides the chat template, LoRA targets, patches and dtype rules.
+config.json tells it from the vocabulary size (:func:`config_evidence`); ChatGLM2-6B and ChatGLM3-6B share a
+config, so for their remote-code folders the revision of the code itself decides (the manifest knows each
+file's family), and the tokenizer's own special tokens confirm it (:func:`glmport.data.templates.detect_family`).
+ChatGLM-6B (family ``chatglm``: vocabulary 130528, ``position_encoding_2d``) is told apart by its config alone. Patch sets are
 applied after the dynamic modules are imported and before the model is built; the user's folder is never
 written to.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ GLM4_VOCAB = 151552  # GLM-4-9B: 151329 tiktoken ranks + specials, padded
 SENTENCEPIECE_VOCAB = 65024  # ChatGLM2-6B and ChatGLM3-6B: the same SentencePiece model, padded
 CHATGLM6B_VOCAB = 130528  # ChatGLM-6B (v1): icetk
 
-SUPPORTED_FAMILIES = ("chatglm3", "glm4")
+SUPPORTED_FAMILIES = ("chatglm3", "glm4", "chatglm2", "chatglm")
 FAMILY_TITLES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B", "glm4": "GLM-4-9B-chat"}
 
 
@@ -83,7 +85,8 @@ ROUND_PROMPTS = {"chatglm": "\"[Round N]\\n问：...\\n答：\"", "chatglm2": "\
 def unsupported_family(family: str, where: str, facts: str) -> ModelError:
     """The refusal for a generation glmport recognises but does not train."""
     title = FAMILY_TITLES[family]
-    supported = " and ".join(FAMILY_TITLES[f] for f in SUPPORTED_FAMILIES)
+    titles = [FAMILY_TITLES[f] for f in SUPPORTED_FAMILIES]
+    supported = ", ".join(titles[:-1]) + " and " + titles[-1]
     prompt = ROUND_PROMPTS.get(family)
     layout = f"the {title} layout" + (f", whose prompts are {prompt}" if prompt else "")
     return ModelError(f"{title} models are not supported by glmport yet", [Problem(
@@ -97,15 +100,29 @@ def unsupported_family(family: str, where: str, facts: str) -> ModelError:
 class ModelInfo:
     path: Path
     kind: str  # native | remote
-    family: str  # chatglm3 | glm4
+    family: str  # chatglm | chatglm2 | chatglm3 | glm4
     config: dict[str, Any]
-    # how ``family`` was chosen: "config.json", "glmport.model_family", or "guess" (config.json did not say;
-    # the tokenizer decides once loaded, see glmport.data.templates.detect_family)
+    # how ``family`` was chosen: "config.json", "glmport.model_family", "remote code (FILE REVISION)" (config.json
+    # allows ChatGLM2 and ChatGLM3; the folder's code is a revision of one of them), or "guess" (config.json did
+    # not say; the tokenizer decides once loaded, see glmport.data.templates.detect_family)
     family_from: str = "config.json"
 
     @property
     def auto_map(self) -> dict[str, str]:
         return self.config.get("auto_map", {})
+
+    @property
+    def context(self) -> tuple[str, int] | None:
+        """(config.json key, value): the positions the model has. The remote code looks positions up in a
+        rotary table of ``seq_length`` rows (ChatGLM-6B: ``max_sequence_length``), so one past it is an
+        IndexError; native models were trained to ``max_position_embeddings``. None where config.json
+        does not say (the config class's default then applies, which only loading it tells)."""
+        if self.kind == "native":
+            key = "max_position_embeddings"
+        else:
+            key = "max_sequence_length" if self.family == "chatglm" else "seq_length"
+        value = self.config.get(key)
+        return (key, value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
@@ -131,8 +148,8 @@ def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
                              "(remote-code folders ship it next to the weights)")
     else:
         raise ModelError(
-            f"{config_file}: model_type {model_type!r} is not a GLM-family model; glmport trains ChatGLM3 / "
-            "GLM-4 remote-code folders (model_type chatglm) and native GLM folders (model_type glm, or glm4 for "
+            f"{config_file}: model_type {model_type!r} is not a GLM-family model; glmport trains ChatGLM-6B / "
+            "ChatGLM2 / ChatGLM3 / GLM-4 remote-code folders (model_type chatglm) and native GLM folders (model_type glm, or glm4 for "
             "GLM-4-0414)"
         )
     evidence = config_evidence(config)
@@ -145,10 +162,32 @@ def inspect_model_dir(path: Path, family: str = "auto") -> ModelInfo:
                 "glmport.model_family", f"{family} was asked for, but {evidence.facts} ({family_names(allowed)})",
                 f"remove glmport.model_family (glmport detects the family), or use a {family} model folder")])
         return ModelInfo(path, kind, family, config, "glmport.model_family")
+    if allowed is not None and kind == "remote" and allowed == {"chatglm2", "chatglm3"}:
+        known = _remote_code_family(path)
+        if known is not None:
+            return ModelInfo(path, kind, known[0], config, known[1])
+    if allowed is not None and len(allowed) == 1:  # GLM-4, ChatGLM-6B
+        return ModelInfo(path, kind, next(iter(allowed)), config)
     if allowed is not None:  # ChatGLM2 or ChatGLM3: ChatGLM3 until the tokenizer says otherwise
-        return ModelInfo(path, kind, "glm4" if "glm4" in allowed else "chatglm3", config)
+        return ModelInfo(path, kind, "chatglm3", config)
     guess = "glm4" if "rope_ratio" in config else "chatglm3"
     return ModelInfo(path, kind, guess, config, "guess")
+
+
+def _remote_code_family(path: Path) -> tuple[str, str] | None:
+    """(family, how it was found) from the revision of the folder's modeling (else tokenization) file, when
+    glmport's manifest or its own test fixtures know it; None for code of an unknown revision. Only hashes
+    are read: nothing of the folder runs."""
+    from glmport.patching.manifest import identify_remote_folder, load_manifest
+
+    revisions = load_manifest()["revisions"]
+    files = identify_remote_folder(path)
+    for key in ("modeling", "tokenization"):
+        identity = files[key]
+        family = revisions.get(identity.effective_revision or "", {}).get("family")
+        if family is not None:
+            return family, f"remote code ({identity.path.name} {identity.revision})"
+    return None
 
 
 @dataclass
@@ -257,15 +296,8 @@ def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_
     line names each file, its sha256 and the revision it matched before it is imported. ``check_tokenizer``
     (a function of the tokenizer) runs before the weights load, so a tokenizer of the wrong generation stops
     the run before gigabytes are read."""
-    from glmport.patching.manifest import describe_files
-    from glmport.patching.session import patch_session
-
     consent = consent or RemoteCodeConsent(allow_unverified=allow_unverified)
-    files = preflight(info, backend, mode, patch_sets, consent)
-    if files:
-        unverified = any(f.sha256 is not None and not f.known for f in files.values())
-        (log.warning if unverified else log.info)("running the model's remote code: %s", describe_files(files))
-    session = patch_session(info, backend, mode, registry=patch_sets, allow_unverified=consent.allow_unverified)
+    session = _start_session(info, backend, mode, patch_sets, consent)
     try:
         if info.kind == "native":
             model, tokenizer = _load_native(info, dtype, config_overrides, check_tokenizer)
@@ -278,10 +310,48 @@ def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_
     return LoadedModel(model, tokenizer, info, dtype, session)
 
 
-def _load_native(info: ModelInfo, dtype, config_overrides, check_tokenizer=None):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@contextmanager
+def patched_tokenizer(info: ModelInfo, backend, *, mode: str, patch_sets, consent: RemoteCodeConsent):
+    """The folder's tokenizer alone, loaded as :func:`load_model` loads it (same consent, preflight and patch
+    session), for commands that tokenize without a model (``glmport data check``). The remote tokenizers need
+    the compat patches on transformers 5 (their ``_pad`` takes no ``padding_side``) and those patch the
+    tokenizer's class: they stay applied while the block runs, and are undone when it ends."""
+    session = _start_session(info, backend, mode, patch_sets, consent)
+    try:
+        yield _load_tokenizer(info, session)
+    finally:
+        session.undo()
 
-    tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+
+def _start_session(info: ModelInfo, backend, mode: str, patch_sets, consent: RemoteCodeConsent):
+    """Consent and preflight, one log line naming the remote files about to run, then the patch session."""
+    from glmport.patching.manifest import describe_files
+    from glmport.patching.session import patch_session
+
+    files = preflight(info, backend, mode, patch_sets, consent)
+    if files:
+        unverified = any(f.sha256 is not None and not f.known for f in files.values())
+        (log.warning if unverified else log.info)("running the model's remote code: %s", describe_files(files))
+    return patch_session(info, backend, mode, registry=patch_sets, allow_unverified=consent.allow_unverified)
+
+
+def _load_tokenizer(info: ModelInfo, session):
+    """Native folders: transformers' own tokenizer; remote ones: the folder's class, as the session patched it."""
+    if info.kind == "native":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(info.path))
+    tokenizer_cls = session.remote_classes[2]
+    if tokenizer_cls is None:
+        raise ModelError(f"{info.path}: no tokenizer_config.json with an auto_map AutoTokenizer entry; copy the "
+                         "tokenizer files of the model download into the folder")
+    return tokenizer_cls.from_pretrained(str(info.path))
+
+
+def _load_native(info: ModelInfo, dtype, config_overrides, check_tokenizer=None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = _load_tokenizer(info, None)
     if check_tokenizer is not None:
         check_tokenizer(tokenizer)
     config = AutoConfig.from_pretrained(str(info.path))
@@ -292,11 +362,8 @@ def _load_native(info: ModelInfo, dtype, config_overrides, check_tokenizer=None)
 
 
 def _load_remote(info: ModelInfo, dtype, session, config_overrides, check_tokenizer=None):
-    config_cls, model_cls, tokenizer_cls = session.remote_classes
-    if tokenizer_cls is None:
-        raise ModelError(f"{info.path}: no tokenizer_config.json with an auto_map AutoTokenizer entry; copy the "
-                         "tokenizer files of the model download into the folder")
-    tokenizer = tokenizer_cls.from_pretrained(str(info.path))
+    config_cls, model_cls, _ = session.remote_classes
+    tokenizer = _load_tokenizer(info, session)
     if check_tokenizer is not None:
         check_tokenizer(tokenizer)
     config = config_cls.from_pretrained(str(info.path))

@@ -22,9 +22,12 @@ sees exactly what the forward saw.
 
 from __future__ import annotations
 
+from glmport.patches.layouts import SEQUENCE_FIRST
+
 from glmport.patching import Patch
 
-ATTENTION_CLASSES = {"chatglm3": ("CoreAttention",), "glm4": ("CoreAttention", "SdpaAttention")}
+ATTENTION_CLASSES = {"chatglm3": ("CoreAttention",), "glm4": ("CoreAttention", "SdpaAttention"),
+                     "chatglm2": ("CoreAttention",)}
 
 
 def _dropout_p(module) -> float:
@@ -54,7 +57,7 @@ def make_attention_forward(seq_first: bool, kernel):
     import torch.nn.functional as F
 
     def forward(self, query_layer, key_layer, value_layer, attention_mask):
-        if seq_first:  # ChatGLM3: [seq, batch, heads, dim]
+        if seq_first:  # ChatGLM2/3: [seq, batch, heads, dim]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query_layer, key_layer, value_layer))
         else:  # GLM-4: [batch, heads, seq, dim]
             q, k, v = query_layer, key_layer, value_layer
@@ -90,7 +93,7 @@ def _padding_instead_of_dense_mask(ctx) -> None:
 
 def apply(ctx) -> None:
     kernel = ctx.backend.varlen_attention()
-    forward = make_attention_forward(ctx.module_family == "chatglm3", kernel)
+    forward = make_attention_forward(ctx.module_family in SEQUENCE_FIRST, kernel)
     for name in ATTENTION_CLASSES[ctx.module_family]:
         ctx.replace(f"{name}.forward", forward)
     if kernel is not None:

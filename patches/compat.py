@@ -1,7 +1,8 @@
 """compat: the 2023-2024 remote code on current transformers (4.4x-5.x), every backend and mode.
 
 Each patch fixes one measured failure of the upstream files on transformers 5 (the failure order is in
-the module docstring of each function); none changes the model's numbers.
+the module docstring of each function); none changes the model's numbers, but for ChatGLM2's rotary
+angles in half precision (``compat-rotary-fp32``, golden-tested: the angles upstream's fp16 runs computed).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import functools
 
 from glmport.patching import Patch
 
-TOKENIZER_CLASS = {"chatglm3": "ChatGLMTokenizer", "glm4": "ChatGLM4Tokenizer"}
+TOKENIZER_CLASS = {"chatglm3": "ChatGLMTokenizer", "glm4": "ChatGLM4Tokenizer", "chatglm2": "ChatGLMTokenizer"}
+CHATGLM2_REVISIONS = ("chatglm2-6b-2023-07", "chatglm2-6b-2023-09", "chatglm2-6b-2023-10")
 CHATGLM3_GC_NOOP = ("chatglm3-6b-2024-06", "chatglm3-6b-2024-08")
+# the 2023 modeling files (release, Nov and Dec 2023) keep the pre-4.35 checkpointing hook
+CHATGLM3_OLD_GC_HOOK = ("chatglm3-6b-2023-10", "chatglm3-6b-2023-11", "chatglm3-6b-2023-12")
 GLM4_REVISIONS = ("glm-4-9b-chat-2024-07", "glm-4-9b-chat-2024-07-jinja")
 
 
@@ -162,9 +166,14 @@ def initialize_missing_weights(ctx) -> None:
 
 def tokenizer_padding_side(ctx) -> None:
     """transformers 4.45+ passes ``padding_side`` to ``_pad``; the remote tokenizers' ``_pad`` has no such
-    parameter, so on 5.x every ``encode`` fails. They pad on the left only (and assert it)."""
+    parameter, so on 5.x every ``encode`` fails. They pad on the left only (and assert it). The original is
+    called by keyword: a ``_pad`` that does take ``padding_side`` (GLM-4's late-2024 tokenizer has it third,
+    before ``padding_strategy``) must not get the strategy in its place."""
+    import inspect
+
     name = TOKENIZER_CLASS[ctx.module_family]
     original = ctx.original(f"{name}._pad")
+    takes_side = "padding_side" in inspect.signature(original).parameters
 
     def _pad(self, encoded_inputs, max_length=None, padding_strategy=None, pad_to_multiple_of=None,
              padding_side=None, return_attention_mask=None, **_unused):
@@ -173,7 +182,9 @@ def tokenizer_padding_side(ctx) -> None:
         if padding_side not in (None, "left"):
             raise ValueError(f"{type(self).__name__} pads on the left only (padding_side={padding_side!r})")
         strategy = padding_strategy if padding_strategy is not None else PaddingStrategy.DO_NOT_PAD
-        return original(self, encoded_inputs, max_length, strategy, pad_to_multiple_of, return_attention_mask)
+        side = {"padding_side": "left"} if takes_side else {}
+        return original(self, encoded_inputs, max_length=max_length, padding_strategy=strategy,
+                        pad_to_multiple_of=pad_to_multiple_of, return_attention_mask=return_attention_mask, **side)
 
     ctx.replace(f"{name}._pad", _pad)
 
@@ -189,6 +200,64 @@ def tokenizer_batch_encode_plus(ctx) -> None:
         return self(batch_text_or_text_pairs, **kwargs)
 
     ctx.add(f"{TOKENIZER_CLASS[ctx.module_family]}.batch_encode_plus", batch_encode_plus)
+
+
+def tokenizer_vocabulary_before_init(ctx) -> None:
+    """The Jul-2023 ChatGLM2 tokenizer calls the base class's ``__init__`` before it builds its SentencePiece
+    wrapper; since transformers 4.34 that ``__init__`` asks for the vocabulary (``get_vocab``, through the
+    wrapper), so loading fails ("'property' object cannot be interpreted as an integer" on 5.x). Build what
+    the base class reads (the wrapper and the command ids) first; the original ``__init__`` then runs as it is."""
+    original = ctx.original("ChatGLMTokenizer.__init__")
+    wrapper = ctx.module.SPTokenizer
+
+    @functools.wraps(original)
+    def __init__(self, vocab_file, *args, **kwargs):
+        self.tokenizer = wrapper(vocab_file)
+        self.special_tokens = {"<bos>": self.tokenizer.bos_id, "<eos>": self.tokenizer.eos_id,
+                               "<pad>": self.tokenizer.pad_id}
+        original(self, vocab_file, *args, **kwargs)
+
+    ctx.replace("ChatGLMTokenizer.__init__", __init__)
+
+
+def generation_inputs_follow_the_cache(ctx) -> None:
+    """ChatGLM2's files before Oct 2023 cut the input to its last token on every generation step after the
+    first, whether or not a cache holds the rest, and never pass ``use_cache`` on. A model built with
+    ``use_cache`` off (P-Tuning v2 trains that way, and evaluates with ``predict_with_generate``) then sees
+    one token at a time and writes garbage (fixed upstream in the Oct-2023 revision). Cut only when there
+    is a cache, and hand ``use_cache`` to the forward."""
+    original = ctx.original("ChatGLMForConditionalGeneration.prepare_inputs_for_generation")
+
+    # not functools.wraps: generate() reads this signature, and it must show use_cache
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, position_ids=None,
+                                      use_cache=None, is_first_forward=True, **kwargs):
+        inputs = original(self, input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                          position_ids=position_ids, is_first_forward=is_first_forward or past_key_values is None,
+                          **kwargs)
+        inputs["use_cache"] = use_cache
+        return inputs
+
+    ctx.replace("ChatGLMForConditionalGeneration.prepare_inputs_for_generation", prepare_inputs_for_generation)
+
+
+def rotary_angles_in_fp32(ctx) -> None:
+    """ChatGLM2 computes its rotary angles in the model's dtype (ChatGLM3 went back to fp32). In bf16, the
+    dtype glmport loads frozen weights in on MLU and CUDA, the frequencies keep 8 bits and every position
+    above 256 rounds to a neighbour (fp16, which upstream ran, is exact up to 2048): the model would see
+    positions it was never trained with. Compute the angles in fp32 and store the table in the model's
+    dtype, as before."""
+    import torch
+
+    original = ctx.original("RotaryEmbedding.forward_impl")
+
+    @functools.wraps(original)
+    def forward_impl(self, seq_len, n_elem, dtype, device, base=10000):
+        table = original(self, seq_len, n_elem, torch.float32, device, base)
+        if dtype in (torch.float16, torch.bfloat16, torch.int8):  # the original's storage rule
+            table = table.bfloat16() if dtype == torch.bfloat16 else table.half()
+        return table
+
+    ctx.replace("RotaryEmbedding.forward_impl", forward_impl)
 
 
 def patches(family: str) -> list[Patch]:
@@ -229,9 +298,32 @@ def patches(family: str) -> list[Patch]:
                   why="the 2024 override never turns gradient checkpointing on", apply=real_gradient_checkpointing,
                   **common),
             Patch("compat-checkpointing-hook", file="modeling",
-                  replaces=("ChatGLMPreTrainedModel._set_gradient_checkpointing",), revisions=("chatglm3-6b-2023-12",),
+                  replaces=("ChatGLMPreTrainedModel._set_gradient_checkpointing",), revisions=CHATGLM3_OLD_GC_HOOK,
                   why="pre-4.35 _set_gradient_checkpointing(module, value) hook",
                   link="https://github.com/zai-org/ChatGLM3/issues/380", apply=new_style_checkpointing_hook, **common),
+        ]
+    elif family == "chatglm2":
+        made += [
+            Patch("compat-prefix-tokens", file="modeling", replaces=("ChatGLMModel.__init__",),
+                  why="P-Tuning v2 prefix ids built on the CPU, not left on the meta device by transformers 5",
+                  apply=real_prefix_tokens, **common),
+            Patch("compat-checkpointing-hook", file="modeling",
+                  replaces=("ChatGLMPreTrainedModel._set_gradient_checkpointing",), revisions=CHATGLM2_REVISIONS,
+                  why="pre-4.35 _set_gradient_checkpointing(module, value) hook",
+                  link="https://github.com/zai-org/ChatGLM3/issues/380", apply=new_style_checkpointing_hook, **common),
+            Patch("compat-generation-use-cache", file="modeling",
+                  replaces=("ChatGLMForConditionalGeneration.prepare_inputs_for_generation",),
+                  revisions=("chatglm2-6b-2023-07", "chatglm2-6b-2023-09"),
+                  why="generate without a cache: whole sequence each step, use_cache passed on (Oct-2023 fix)",
+                  link="https://huggingface.co/THUDM/chatglm2-6b/discussions/85",
+                  apply=generation_inputs_follow_the_cache, **common),
+            Patch("compat-rotary-fp32", file="modeling", replaces=("RotaryEmbedding.forward_impl",),
+                  why="rotary angles in fp32: in bf16 (fp16) positions above 256 (2048) round to their neighbours",
+                  apply=rotary_angles_in_fp32, **common),
+            Patch("compat-tokenizer-init", file="tokenization", replaces=("ChatGLMTokenizer.__init__",),
+                  revisions=("chatglm2-6b-2023-07",),
+                  why="build the SentencePiece wrapper before the base __init__ asks for the vocabulary (>= 4.34)",
+                  apply=tokenizer_vocabulary_before_init, **common),
         ]
     else:
         made += [

@@ -6,6 +6,8 @@ they are moved; generation's int64 bookkeeping stays on the host side of the mod
 
 from __future__ import annotations
 
+from glmport.patches.layouts import SEQUENCE_FIRST
+
 from glmport.patching import Patch
 
 
@@ -17,7 +19,7 @@ def int32_position_ids(self, input_ids, device):
 
 
 def int32_prompt(self, batch_size, device, dtype=None):
-    """ChatGLM3's P-Tuning v2 prompt: per layer a ``[2, prefix, batch, kv_groups, head_dim]`` key/value
+    """ChatGLM2/3's P-Tuning v2 prompt: per layer a ``[2, prefix, batch, kv_groups, head_dim]`` key/value
     pair from the prefix encoder, with int32 prefix ids."""
     import torch
 
@@ -31,12 +33,13 @@ def int32_prompt(self, batch_size, device, dtype=None):
 
 def apply(ctx) -> None:
     ctx.replace("ChatGLMPreTrainedModel.get_position_ids", int32_position_ids)
-    if ctx.module_family == "chatglm3":
+    if ctx.module_family in SEQUENCE_FIRST:  # ChatGLM2/3 build their own P-Tuning v2 prefix
         ctx.replace("ChatGLMModel.get_prompt", int32_prompt)
 
 
 def patch(family: str, *, requires, modes=("infer", "train")) -> Patch:
-    replaces = ("ChatGLMPreTrainedModel.get_position_ids",) + (("ChatGLMModel.get_prompt",) if family == "chatglm3" else ())
+    own_prefix = ("ChatGLMModel.get_prompt",) if family in SEQUENCE_FIRST else ()
+    replaces = ("ChatGLMPreTrainedModel.get_position_ids",) + own_prefix
     return Patch(
         "int32-positions", family=family, file="modeling", replaces=replaces,
         why="position ids and prefix ids in int32 (the device narrows 64-bit data silently)",

@@ -7,6 +7,8 @@ tensor ops instead of the scripted function.
 
 from __future__ import annotations
 
+from glmport.patches.layouts import SEQUENCE_FIRST
+
 from glmport.patching import Patch
 
 FLAG_SETTERS = {
@@ -18,7 +20,7 @@ FLAG_SETTERS = {
 
 
 def rotate_seq_first(x, rope_cache):
-    """RoPE for ChatGLM3's ``[seq, batch, heads, head_dim]`` layout; ``rope_cache`` is
+    """RoPE for ChatGLM2/3's ``[seq, batch, heads, head_dim]`` layout; ``rope_cache`` is
     ``[seq, batch, rot_dim / 2, 2]`` (cos, sin). Interleaved pairs over the first ``rot_dim`` dims."""
     import torch
 
@@ -68,7 +70,7 @@ def apply(ctx) -> None:
             getattr(C, setter)(current[key])
 
     ctx.recorder.on_undo(restore_module_flags, "TorchScript fuser flags")
-    rotate = rotate_seq_first if ctx.module_family == "chatglm3" else rotate_batch_first
+    rotate = rotate_seq_first if ctx.module_family in SEQUENCE_FIRST else rotate_batch_first
     ctx.replace("apply_rotary_pos_emb", rotate)
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
 from glmport.cli._output import print_json, table
 from glmport.data.formats import FORMATS  # light: no tokenizer, no torch
-from glmport.errors import DataError, ModelError, Problem
+from glmport.errors import DataError, GlmportError, ModelError, Problem
 
 FORMAT_CHOICES = ("auto", *FORMATS)
-TEMPLATE_CHOICES = ("auto", "chatglm3", "glm4")
+TEMPLATE_CHOICES = ("auto", "chatglm", "chatglm2", "chatglm3", "glm4")
 
 
 def _positive(text: str) -> int:
@@ -42,10 +43,14 @@ def add_parser(subparsers, common) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_check)
 
-    p = commands.add_parser("convert", parents=[common], help="write a data file as ChatGLM3 `conversations` JSON lines")
+    p = commands.add_parser("convert", parents=[common], help="write a data file as ChatGLM3 `conversations` JSON lines "
+                                                                "(or as the ChatGLM-6B tutorial's context/target records)")
     p.add_argument("input", metavar="IN", help="a .jsonl or .json data file in any supported format")
     p.add_argument("output", metavar="OUT", help="the .jsonl file to write")
     p.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="format of IN (default: detected)")
+    p.add_argument("--to", default="conversations", choices=("conversations", "context-target"),
+                   help="format of OUT: ChatGLM3 conversations (default), or the {context, target} records of the "
+                        "ChatGLM-6B tuning tutorial (alpaca records converted as its cover_alpaca2jsonl.py does)")
     p.set_defaults(handler=cmd_convert)
 
 
@@ -55,22 +60,25 @@ def cmd_check(args, manager) -> int:
     from glmport.data.templates import get_template, sanity_rows
 
     result = load_conversations(args.file, fmt=args.format, skip_invalid=args.skip_invalid)
-    tokenizer, estimated = _tokenizer(args, result.conversations)
-    template = get_template(args.template if args.model else _template_without_model(args), tokenizer,
-                            combine=args.combine)
-    samples = build_samples(result, template, args.max_input_length, args.max_output_length,
-                            skip_invalid=args.skip_invalid)
-    tokenizer_note = "estimate: one token per character (no --model)" if estimated else str(args.model)
-    report = check_report(result, samples, template, tokenizer_note, args.max_input_length, args.max_output_length)
-    if args.json:
-        print_json(report)
-        return 0
-    _print_report(report)
-    for number, sample in enumerate(samples.train[: max(args.show, 0)], 1):
-        print(f"\nSample {number}: {len(sample.input_ids)} tokens")
-        # The token text goes last: wide (CJK) characters would break the column alignment.
-        print(table(["ID", "LABEL", "TOKEN"], [[token_id, label, repr(text)]
-                                               for text, token_id, label in sanity_rows(tokenizer, sample)]))
+    # A remote-code tokenizer works only while its patch session lasts: everything that tokenizes is inside.
+    with contextlib.ExitStack() as stack:
+        tokenizer, estimated = _tokenizer(args, manager, result.conversations, stack)
+        template = get_template(args.template if args.model else _template_without_model(args), tokenizer,
+                                combine=args.combine)
+        samples = build_samples(result, template, args.max_input_length, args.max_output_length,
+                                skip_invalid=args.skip_invalid)
+        tokenizer_note = "estimate: one token per character (no --model)" if estimated else str(args.model)
+        report = check_report(result, samples, template, tokenizer_note, args.max_input_length,
+                              args.max_output_length)
+        if args.json:
+            print_json(report)
+            return 0
+        _print_report(report)
+        for number, sample in enumerate(samples.train[: max(args.show, 0)], 1):
+            print(f"\nSample {number}: {len(sample.input_ids)} tokens")
+            # The token text goes last: wide (CJK) characters would break the column alignment.
+            print(table(["ID", "LABEL", "TOKEN"], [[token_id, label, repr(text)]
+                                                   for text, token_id, label in sanity_rows(tokenizer, sample)]))
     return 0
 
 
@@ -80,26 +88,23 @@ def _template_without_model(args) -> str:
     return "glm4" if args.combine else "chatglm3"  # combine exists only for GLM-4
 
 
-def _tokenizer(args, conversations):
-    """The model's tokenizer, or one built on the spot (then lengths are estimates): (tokenizer, estimated)."""
+def _tokenizer(args, manager, conversations, stack: contextlib.ExitStack):
+    """The model's tokenizer, or one built on the spot (then lengths are estimates): (tokenizer, estimated).
+    ``stack`` holds what the tokenizer needs while it is used (the backend and the patch session)."""
     if args.model:
         if not Path(args.model).is_dir():
             raise ModelError(f"--model {args.model}: no such folder", [Problem(
                 "--model", f"{args.model} is not a folder", "give the folder of a ChatGLM3 / GLM-4 model")])
-        info = None
-        if (Path(args.model) / "config.json").is_file():
-            from glmport.modeling import RemoteCodeConsent, check_remote_code, inspect_model_dir
-
-            info = inspect_model_dir(Path(args.model))
-            # the tokenizer of a remote-code folder is Python from the folder: the same consent as training
-            check_remote_code(info, RemoteCodeConsent(trust=args.trust_remote_code,
-                                                      allow_unverified=args.trust_remote_code is True))
         try:
+            if (Path(args.model) / "config.json").is_file():
+                return stack.enter_context(_model_tokenizer(args, manager)), False
+            # a folder of tokenizer files only: nothing of it runs (no trust_remote_code)
             from transformers import AutoTokenizer
 
-            trusted = info is not None and info.kind == "remote"
-            return AutoTokenizer.from_pretrained(args.model, trust_remote_code=trusted), False
-        except Exception as exc:  # any failure to load is the same message to the user
+            return AutoTokenizer.from_pretrained(args.model), False
+        except GlmportError:  # consent, patch preflight, a broken config.json: already a clear message
+            raise
+        except Exception as exc:  # any other failure to load is the same message to the user
             raise ModelError(f"cannot load a tokenizer from {args.model}", [Problem(
                 "--model", f"{args.model}: {type(exc).__name__}: {exc}",
                 "give the folder of a ChatGLM3 / GLM-4 model (it holds tokenizer_config.json)")]) from None
@@ -113,6 +118,22 @@ def _tokenizer(args, conversations):
         return build_fast_tokenizer(layout, seed), True
     except ValueError:  # more distinct characters than a vocabulary holds: count bytes instead
         return build_fast_tokenizer(layout), True
+
+
+@contextlib.contextmanager
+def _model_tokenizer(args, manager):
+    """A model folder's tokenizer loaded as ``glmport train`` loads it: on the selected backend, with the same
+    consent to run the folder's code and the same patch session (the remote tokenizers fail on transformers
+    5 without its compat patches)."""
+    from glmport.backend import select_backend
+    from glmport.modeling import RemoteCodeConsent, inspect_model_dir, patched_tokenizer
+
+    info = inspect_model_dir(Path(args.model))
+    consent = RemoteCodeConsent(trust=args.trust_remote_code, allow_unverified=args.trust_remote_code is True)
+    backend = select_backend(manager.backends, args.backend).backend
+    with backend.activate(), patched_tokenizer(info, backend, mode="train", patch_sets=manager.patch_sets,
+                                               consent=consent) as tokenizer:
+        yield tokenizer
 
 
 def _text_of(message) -> str:
@@ -154,7 +175,28 @@ def cmd_convert(args, manager) -> int:
         raise DataError("refusing to overwrite the input file", [Problem(
             str(target), "OUT is the input file", "write the converted records to another file")])
     result = load_conversations(source, fmt=args.format)
-    lines = [json.dumps(to_conversations_record(conv), ensure_ascii=False) + "\n" for conv in result.conversations]
+    if args.to == "context-target":
+        records = _context_target_records(result)
+    else:
+        records = [to_conversations_record(conv) for conv in result.conversations]
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
     write_text_atomically(target, "".join(lines))
-    print(f"wrote {len(lines)} conversations ({result.format} -> conversations) to {target}")
+    what = "conversations" if args.to == "conversations" else "context/target records"
+    print(f"wrote {len(lines)} {what} ({result.format} -> {args.to}) to {target}")
     return 0
+
+
+def _context_target_records(result) -> list[dict]:
+    """Every conversation as a context/target record; the ones that do not fit are reported together."""
+    from glmport.data.context_target import to_context_target_record
+    from glmport.data.loader import invalid_records_error
+
+    records, problems = [], []
+    for conv in result.conversations:
+        try:
+            records.append(to_context_target_record(conv, result.format))
+        except DataError as exc:
+            problems += exc.problems or [Problem(conv.source, str(exc))]
+    if problems:
+        raise invalid_records_error(result.path, problems, len(result.conversations), skip_invalid=False)
+    return records

@@ -8,8 +8,9 @@ def add_parser(subparsers, common) -> None:
                               help="build a tiny random GLM model folder offline (tiny-native or tiny-remote)")
     p.add_argument("kind", choices=["tiny-native", "tiny-remote"])
     p.add_argument("out", help="folder to create (must not exist or be empty)")
-    p.add_argument("--family", choices=["chatglm3", "glm4"], default=None,
-                   help="special-token layout and architecture details (default chatglm3; glm4 with --arch glm4)")
+    p.add_argument("--family", choices=["chatglm3", "glm4", "chatglm2", "chatglm"], default=None,
+                   help="special-token layout and architecture details (default chatglm3; glm4 with --arch glm4; "
+                        "chatglm2: ChatGLM2-6B's tokenizer, no role tokens; chatglm: ChatGLM-6B, tiny-remote only)")
     p.add_argument("--arch", choices=["glm", "glm4"], default="glm",
                    help="tiny-native only: the transformers class, glm (GlmForCausalLM, default) or glm4 "
                         "(Glm4ForCausalLM, the GLM-4-0414 layout; glm4 tokenizer with a chat_template)")
@@ -25,6 +26,9 @@ def cmd_init_model(args, manager) -> int:
     from glmport.tiny import build_tiny_model
 
     family = args.family or ("glm4" if args.arch == "glm4" else "chatglm3")
+    if family == "chatglm" and args.kind != "tiny-remote":
+        raise GlmportError("--family chatglm: ChatGLM-6B has no native transformers class (2-D positions, the "
+                           "GLM-130B block); build it with tiny-remote")
     if args.arch != "glm" and args.kind != "tiny-native":
         raise GlmportError(f"--arch {args.arch}: only tiny-native folders have a choice of architecture")
     if args.arch == "glm4" and family != "glm4":

@@ -1,6 +1,7 @@
 """``glmport patch``: which patches a model folder gets, and an overlay folder with them applied.
 
     glmport patch list [--json]
+    glmport patch revisions [--family F] [--json]
     glmport patch plan MODEL_DIR --backend B --mode infer|train [--json] [--allow-unverified-patches]
     glmport patch materialize MODEL_DIR OUT --backend B --mode infer|train
 
@@ -22,6 +23,12 @@ def add_parser(subparsers, common) -> None:
     listing = commands.add_parser("list", parents=[common], help="every registered patch set and its patches")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list, checks_backend=False)
+
+    known = commands.add_parser("revisions", parents=[common],
+                                help="the upstream remote-code revisions glmport knows (patches/manifest.json)")
+    known.add_argument("--family", help="only this family (chatglm3, glm4, ...)")
+    known.add_argument("--json", action="store_true")
+    known.set_defaults(handler=cmd_revisions, checks_backend=False)
 
     for name, helptext in (("plan", "the patches a folder gets for a backend and mode, and why (or what is refused)"),
                            ("materialize", "write an overlay folder (links to the weights, patched code)")):
@@ -119,4 +126,34 @@ def cmd_list(args, manager) -> int:
                  ",".join(p.requires) or "-", ",".join(p.modes), p.why] for p in patch_set.patches]
         print(table(["FAMILY", "PATCH", "BACKENDS", "REQUIRES", "MODES", "WHY"], rows))
         print()
+    return 0
+
+
+def cmd_revisions(args, manager) -> int:
+    """Every revision in the manifest, oldest first per family, with the files it is recognized by. A folder
+    whose remote-code files are not among these is refused unless --allow-unverified-patches is given."""
+    from glmport.patching.manifest import REMOTE_FILES, load_manifest
+
+    manifest = load_manifest()
+    revisions = manifest["revisions"]
+    if args.family and args.family not in {meta["family"] for meta in revisions.values()}:
+        known = sorted({meta["family"] for meta in revisions.values()})
+        raise PatchError(f"--family {args.family!r}: no revision of that family in the manifest; "
+                         f"families: {', '.join(known)}")
+    files: dict[str, dict[str, list[dict]]] = {name: {} for name in revisions}
+    for file_name, entries in manifest["files"].items():
+        key = next(k for k, v in REMOTE_FILES.items() if v == file_name)
+        for digest, entry in entries.items():
+            files[entry["revision"]].setdefault(key, []).append(
+                {"sha256": digest, "hash": entry["hash"], "source": entry["source"]})
+    chosen = sorted((name for name, meta in revisions.items() if args.family in (None, meta["family"])),
+                    key=lambda name: (revisions[name]["family"], revisions[name]["date"], name))
+    if args.json:
+        print_json([{"revision": name, **revisions[name], "files": files[name]} for name in chosen])
+        return 0
+    rows = [[name, revisions[name]["family"], revisions[name]["date"],
+             ",".join(key for key in REMOTE_FILES if key in files[name]), revisions[name]["note"]] for name in chosen]
+    print(table(["REVISION", "FAMILY", "DATE", "FILES", "NOTE"], rows))
+    print("\nA file the manifest lists under an older revision (a file two revisions share) is not repeated "
+          "under the newer one.")
     return 0

@@ -67,7 +67,7 @@ def load_conversations(path, *, fmt: str = "auto", skip_invalid: bool = False, k
     problems: list[Problem] = []
     for raw in raws:
         try:
-            result.conversations.append(Conversation(_messages(raw, fmt), raw.source))
+            result.conversations.append(Conversation(_messages(raw, fmt), raw.source, raw.value))
         except RecordError as exc:
             problems.append(Problem(raw.source, exc.what, exc.fix))
             result.skipped.append(Skipped(raw.source, exc.what, raw.text))

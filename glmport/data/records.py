@@ -29,6 +29,7 @@ class Message:
 class Conversation:
     messages: list[Message]
     source: str  # "data/train.jsonl:7" or "data/train.json[12] (line 40)"
+    record: dict | None = None  # the record as read, for conversions that keep a format's own fields
 
     def count(self, role: str) -> int:
         return sum(1 for m in self.messages if m.role == role)

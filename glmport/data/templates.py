@@ -1,7 +1,9 @@
-"""Chat templates: conversations to the token ids and labels ChatGLM3 and GLM-4 are trained on.
+"""Chat templates: conversations to the token ids and labels ChatGLM-6B, ChatGLM2, ChatGLM3 and GLM-4 are trained on.
 
-The layouts reproduce the official fine-tuning recipes id for id (ChatGLM3 ``finetune_hf.py``,
-GLM-4 ``finetune_demo/finetune.py``), including the one-token right shift of the loss mask. Only generic
+The layouts reproduce the official fine-tuning recipes id for id (ChatGLM2 ``ptuning/main.py``, ChatGLM3
+``finetune_hf.py``, GLM-4 ``finetune_demo/finetune.py``), including the one-token right shift of the loss
+mask where the recipe has it (ChatGLM3, GLM-4; ChatGLM2 labels the answer itself, ChatGLM-6B ``ptuning/main.py``
+labels ``<sop>`` and the answer). Only generic
 tokenizer calls are used (``convert_tokens_to_ids`` for the special tokens, ``encode(text,
 add_special_tokens=False)`` for text), so the same code serves the remote-code tokenizers, the native
 fast ones and glmport's tiny test tokenizers.
@@ -26,6 +28,7 @@ from glmport.modeling import (
     family_names,
     unsupported_family,
 )
+from glmport.toolcalls import family_message
 
 TEMPLATES = SUPPORTED_FAMILIES  # one template per supported family, of the same name
 
@@ -46,16 +49,22 @@ class EvalSample:
 
 
 class Template:
-    """What both families share: the sample layout around the per-message rendering."""
+    """What the families share: the sample layout around the per-message rendering."""
 
     name = ""
+    roles = ("system", "user", "assistant", "observation")  # the role tokens the layout writes: <|role|>
     detection: Detection | None = None  # why this template (set by get_template)
+    # How a generated reply reads (glmport infer / chat / eval): ChatGLM3 and GLM-4 begin each assistant turn
+    # with a metadata line (empty, or the name of the tool it calls) and have a tool format of their own
+    # (glmport.toolcalls); a family without them answers in plain text and makes no tool calls.
+    reply_metadata = False
+    tool_format: str | None = None
     stop_token_ids: list[int]
     pad_token_id: int
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.role_ids = {role: self._special(f"<|{role}|>") for role in ("system", "user", "assistant", "observation")}
+        self.role_ids = {role: self._special(f"<|{role}|>") for role in self.roles}
         self._metadata_lines: dict[str, list[int]] = {}
         self.prefix: list[int] = []
         self.suffix: list[int] = []  # closes a training sample; also ends an eval target
@@ -77,17 +86,21 @@ class Template:
                 "set loss true (or remove the key) on at least one assistant message")])
         return Rendered(list(self.prefix), spans, list(self.suffix), answer=learned[-1])
 
+    def labelled(self, rendered: Rendered) -> tuple[list[int], list[int]]:
+        """(input ids, labels): the learned tokens under the one-token shift (see :func:`shifted_labels`)."""
+        ids, mask = rendered.flatten()
+        return ids, shifted_labels(ids, mask)
+
     def untruncated_sample(self, conv: Conversation) -> TrainSample:
-        ids, mask = self.render(conv).flatten()
-        return TrainSample(ids, shifted_labels(ids, mask))
+        return TrainSample(*self.labelled(self.render(conv)))
 
     def train_sample(self, conv: Conversation, max_input_length: int, max_output_length: int) -> TrainSample:
         rendered = self.render(conv)
         full_length = len(rendered)
         budget = max_input_length + max_output_length + 1  # as upstream
         dropped = fit_to_budget(rendered, budget, max_input_length, conv.source)
-        ids, mask = rendered.flatten()
-        return TrainSample(ids, shifted_labels(ids, mask), full_length - len(ids), dropped)
+        ids, labels = self.labelled(rendered)
+        return TrainSample(ids, labels, full_length - len(ids), dropped)
 
     def eval_samples(self, conv: Conversation, max_input_length: int, max_output_length: int) -> list[EvalSample]:
         """One sample per reply to generate: the prompt up to and including its ``<|assistant|>`` token,
@@ -138,6 +151,8 @@ class ChatGLM3Template(Template):
     """``[gMASK] sop`` + per message ``<|role|>`` + encode(metadata + "\\n") + encode(content) + ``</s>``."""
 
     name = "chatglm3"
+    reply_metadata = True
+    tool_format = "chatglm3"
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
@@ -148,6 +163,8 @@ class ChatGLM3Template(Template):
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def render_message(self, message):
+        # Tool calls and tools given as data, in ChatGLM3's own form (the one chat and serve write).
+        message = family_message(self.tool_format, message)
         text = message.content
         if message.tools is not None:
             # As ChatGLM3's build_chat_input: the tools follow the system text as indented JSON.
@@ -162,6 +179,8 @@ class GLM4Template(Template):
     """``[gMASK] <sop>`` + per message ``<|role|>`` + encode(metadata + "\\n" + content) + ``<|user|>``."""
 
     name = "glm4"
+    reply_metadata = True
+    tool_format = "glm4"
 
     def __init__(self, tokenizer, combine: bool = False):
         super().__init__(tokenizer)
@@ -173,6 +192,8 @@ class GLM4Template(Template):
         self.pad_token_id = end_of_text
 
     def render_message(self, message):
+        # Tool calls and tools given as data, in GLM-4's own form (the one chat and serve write).
+        message = family_message(self.tool_format, message)
         head = self._head(message.role, message.metadata)
         if message.tools is not None:
             ids = self._tools_system_message(message)
@@ -220,6 +241,310 @@ class GLM4Template(Template):
         return [rendered.answer] if self.combine else super()._eval_targets(rendered)
 
 
+class ChatGLM2Template(Template):
+    """``[gMASK] sop`` + ``[Round N]\n\n问：{question}\n\n答：`` + answer per round, rounds joined by ``\n\n``,
+    ``</s>`` after the last reply.
+
+    ChatGLM2-6B has no role tokens: its prompt is the text of the tokenizer's ``build_prompt`` (rounds count
+    from 1). The official recipe (``ptuning/main.py``) encodes the prompt and the answer in two calls and
+    labels the answer tokens themselves plus the ``</s>`` after them: no shift. A single round is exactly
+    that, id for id, and so is the prompt ``model.chat`` builds for it. Several rounds are encoded round by
+    round, as ChatGLM2's own ``stream_chat`` continues a cached conversation (``build_stream_inputs``: the
+    next round "\n\n[Round N]..." encoded alone, without the word-start piece SentencePiece puts first): each
+    reply is learned (unless ``"loss": false``) and only the last one is followed by ``</s>`` (LLaMA-Factory
+    trains ChatGLM2 conversations the same way). Inference (:meth:`prompt_ids`) builds its prompts alike.
+    ``model.chat`` instead encodes the whole history as one string, whose tokens can differ where a reply
+    meets its round (the reply's word-start piece).
+
+    What ChatGLM2 cannot express is refused, naming the record: tools, tool calls and observations. A system
+    message has no role either; like FastChat's ``chatglm2`` conversation template, its text goes before
+    ``[Round 1]``, followed by ``\n\n`` (LLaMA-Factory puts it there without the separator).
+    """
+
+    name = "chatglm2"
+    roles = ()
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.prefix = [self._special("[gMASK]"), self._special("sop")]
+        eos = tokenizer.eos_token_id
+        self.suffix = [eos]
+        self.stop_token_ids = [eos]
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # SentencePiece starts an encoded string with a word-start piece ("\n" -> "▁", "\n"); a round that
+        # continues the conversation drops it, as ChatGLM2's build_stream_inputs does
+        newline = self._encode("\n")
+        self._word_start = newline[0] if len(newline) > 1 else None
+
+    def _continuing(self, ids: list[int]) -> list[int]:
+        return ids[1:] if self._word_start is not None and ids[:1] == [self._word_start] else ids
+
+    def render_message(self, message: Message) -> tuple[list[int], list[int], list[int]]:
+        raise NotImplementedError("ChatGLM2 renders rounds, not messages: use render() or prompt_ids()")
+
+    def _spans(self, messages: list[Message], source: str) -> list[Span]:
+        """One span per message: the system text, each round's question text, each answer."""
+        spans: list[Span] = []
+        round_number = 0
+        for index, message in enumerate(messages):
+            where = f"message {index} ({message.role})"
+            if message.tools is not None or message.metadata or message.role == "observation":
+                what = ("declares tools" if message.tools is not None else
+                        "is a tool call" if message.metadata else "is a tool's result")
+                raise _chatglm2_cannot(source, f"{where} {what}; ChatGLM2-6B has no tool, tool-call or observation "
+                                               "turns", "remove the tool turns, or train a ChatGLM3 / GLM-4 model")
+            expected = "user" if not spans or spans[-1].role in ("system", "assistant") else "assistant"
+            if message.role == "system":
+                if index != 0:
+                    raise _chatglm2_cannot(source, f"{where}: a system message can only open the conversation",
+                                           "move the system text into the first message")
+                ids = self._encode(message.content + "\n\n") if message.content else []
+                spans.append(Span("system", ids, [], ids, learn=False, learn_role=False))
+            elif message.role != expected:
+                place = f"follows a {spans[-1].role} message" if spans else "opens the conversation"
+                raise _chatglm2_cannot(source, f"{where} {place}; ChatGLM2-6B prompts are [Round N] question/answer "
+                                               "pairs",
+                                       f"make message {index} a{'n' if expected == 'assistant' else ''} {expected} "
+                                       "message (merge consecutive messages of one role)")
+            elif message.role == "user":
+                round_number += 1
+                head_text = ("\n\n" if round_number > 1 else "") + f"[Round {round_number}]\n\n问："
+                ids = self._encode(head_text + message.content + "\n\n答：")
+                head = self._encode(head_text)
+                if round_number > 1:
+                    ids, head = self._continuing(ids), self._continuing(head)
+                # the question is what truncation may trim; the round header and "答：" stay
+                content = ids[len(head):] if ids[: len(head)] == head else self._encode(message.content + "\n\n答：")
+                spans.append(Span("user", ids, head, content, learn=False, learn_role=False))
+            else:
+                ids = self._encode(message.content)
+                learn = learned_by_default(message)
+                spans.append(Span("assistant", ids, [], ids, learn=learn, learn_role=learn))
+        return spans
+
+    def render(self, conv: Conversation) -> Rendered:
+        spans = self._spans(conv.messages, conv.source)
+        learned = [i for i, span in enumerate(spans) if span.learn and span.ids]
+        if not learned:
+            raise DataError(f"{conv.source}: nothing to learn", [Problem(
+                conv.source, "no assistant message carries loss (none, or every one has \"loss\": false)",
+                "give the conversation an answer to learn (an assistant message after a user message)")])
+        # What follows the last learned reply teaches nothing: the sample ends with that reply and </s>.
+        return Rendered(list(self.prefix), spans[: learned[-1] + 1], list(self.suffix), answer=learned[-1])
+
+    def labelled(self, rendered: Rendered) -> tuple[list[int], list[int]]:
+        """No shift: the answer tokens are their own labels, and so is the </s> after the last answer."""
+        ids, mask = rendered.flatten()
+        mask = mask[: len(mask) - len(rendered.suffix)] + [True] * len(rendered.suffix)
+        return ids, [token if learned else IGNORE_INDEX for token, learned in zip(ids, mask)]
+
+    def eval_samples(self, conv: Conversation, max_input_length: int, max_output_length: int) -> list[EvalSample]:
+        """One sample per reply to generate: the prompt up to its ``答：``, and the reply followed by ``</s>``."""
+        rendered = self.render(conv)
+        samples = []
+        for index in self._eval_targets(rendered):
+            context = [token for span in rendered.spans[:index] for token in span.ids]
+            room = max(max_input_length - len(rendered.prefix), 0)
+            context = context[len(context) - room:] if len(context) > room else context  # the latest context
+            output = (rendered.spans[index].ids + self.suffix)[:max_output_length]
+            samples.append(EvalSample(rendered.prefix + context, output, conv.source))
+        return samples
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The ids that ask for the next reply: the rounds so far, the last one ending with ``答：``."""
+        spans = self._spans(messages, "the prompt")
+        if not spans or spans[-1].role != "user":
+            raise DataError("the prompt must end with a user message", [Problem(
+                "the prompt", "ChatGLM2-6B answers the question of the last [Round N]", "end with a user message")])
+        return list(self.prefix) + [token for span in spans for token in span.ids]
+
+
+def _chatglm2_cannot(source: str, what: str, fix: str) -> DataError:
+    return DataError(f"{source}: the ChatGLM2-6B prompt format cannot express this conversation",
+                     [Problem(source, what, fix)])
+
+
+class ChatGLM6BTemplate(Template):
+    """ChatGLM-6B (THUDM/chatglm-6b): a text prompt, then the tokenizer's ``build_inputs_with_special_tokens``:
+    ``prompt [gMASK] <sop> answer <eop>``.
+
+    The prompt is ``model.chat``'s and ``ptuning/main.py``'s: the bare question, or, after earlier rounds,
+    ``[Round 0]\\n问：{q}\\n答：{a}\\n`` ... ``[Round n]\\n问：{q}\\n答：`` (rounds count from 0), encoded in one call
+    as upstream does (truncation re-renders it with fewer rounds instead of cutting tokens out of it). The
+    labels are the recipe's: -100 on the prompt and ``[gMASK]``, the ids themselves from ``<sop>`` on, which
+    the model shifts (``[gMASK]`` learns ``<sop>``, the last answer token learns ``<eop>``).
+
+    One sample per conversation, as upstream: the last reply that carries loss is the answer, the rounds
+    before it are history (never learned), what follows it is dropped. A record of the ChatGLM-6B tuning
+    tutorial (mymusise/ChatGLM-Tuning, ``{"context", "target"}``) is one question and one answer, so its
+    layout is the tutorial's own: ``encode(context) [gMASK] <sop> encode(target) <eop>``, labels from
+    ``<sop>`` on. A system message has no role in ChatGLM-6B; like ptuning's ``source_prefix`` (and FastChat's
+    ``chatglm`` template, with its ``\\n``) its text opens the prompt. Tools, tool calls and tool results cannot
+    be expressed and are refused, naming the record. The special ids are the tokenizer's, and its own
+    ``build_inputs_with_special_tokens`` must give this layout (the April 2023 tokenizers before "Always add
+    gmask" do not: they are refused).
+    """
+
+    name = "chatglm"
+    roles = ()
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.gmask, self.sop, self.eop = (self._special(token) for token in ("[gMASK]", "<sop>", "<eop>"))
+        # the remote tokenizer's own layout must be this one (a generic tokenizer, e.g. `glmport data check`'s
+        # estimate, has no layout of its own to compare with)
+        probe = list(tokenizer.build_inputs_with_special_tokens([7], [8])) if _overrides(
+            tokenizer, "build_inputs_with_special_tokens") else [7, self.gmask, self.sop, 8, self.eop]
+        if probe != [7, self.gmask, self.sop, 8, self.eop]:
+            raise ModelError("the tokenizer's special-token layout is not ChatGLM-6B's", [Problem(
+                "tokenizer", f"build_inputs_with_special_tokens([7], [8]) gives {probe}, not [7, [gMASK] "
+                             f"{self.gmask}, <sop> {self.sop}, 8, <eop> {self.eop}]",
+                "use the tokenization_chatglm.py of THUDM/chatglm-6b from 2023-04-14 or later (older ones add "
+                "[gMASK] only when the text has no mask token)")])
+        self.suffix = [self.eop]
+        self.stop_token_ids = [self.eop]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.eop
+
+    def render_message(self, message: Message) -> tuple[list[int], list[int], list[int]]:
+        raise NotImplementedError("ChatGLM-6B renders a prompt text, not messages: use render() or prompt_ids()")
+
+    def _render(self, system: str, history: list[tuple[str, str]], question: str, answer: str) -> Rendered:
+        prompt = self._encode(chatglm6b_prompt(system, history, question))
+        head = [self.gmask, self.sop]
+        content = self._encode(answer)
+        spans = [Span("user", prompt, [], prompt, learn=False, learn_role=False),
+                 # [gMASK] is not a label, <sop> and the answer are (see labelled)
+                 Span("assistant", head + content, head, content, learn=True, learn_role=False)]
+        return Rendered([], spans, list(self.suffix), answer=1)
+
+    def _answer(self, conv: Conversation):
+        system, rounds, _ = chatglm6b_dialogue(conv.messages, conv.source)
+        learned = [i for i, (_, answer) in enumerate(rounds) if learned_by_default(answer)]
+        if not learned:
+            raise DataError(f"{conv.source}: nothing to learn", [Problem(
+                conv.source, "no assistant message carries loss (none, or every one has \"loss\": false)",
+                "give the conversation an answer to learn (an assistant message after a user message)")])
+        rounds = rounds[: learned[-1] + 1]
+        history = [(q, a.content) for q, a in rounds[:-1]]
+        return system, history, rounds[-1][0], rounds[-1][1].content
+
+    def render(self, conv: Conversation) -> Rendered:
+        return self._render(*self._answer(conv))
+
+    def labelled(self, rendered: Rendered) -> tuple[list[int], list[int]]:
+        """Labels are the ids from ``<sop>`` on (the model shifts them), ``<eop>`` included."""
+        ids, mask = rendered.flatten()
+        mask = mask[: len(mask) - len(rendered.suffix)] + [True] * len(rendered.suffix)
+        return ids, [token if learned else IGNORE_INDEX for token, learned in zip(ids, mask)]
+
+    def train_sample(self, conv: Conversation, max_input_length: int, max_output_length: int) -> TrainSample:
+        system, history, question, answer = self._answer(conv)
+        rendered = self._render(system, history, question, answer)
+        full_length = len(rendered)
+        budget = max_input_length + max_output_length + 1  # as the other templates
+        # Earlier rounds go first, oldest first, while the prompt is over its share (the policy of
+        # glmport.data.truncation; re-rendered, since the prompt is one encoded text); then fit_to_budget
+        # trims the prompt from its start and, last, cuts the answer.
+        shortest_answer = len(rendered.spans[1].head) + 1 + len(rendered.suffix)  # [gMASK] <sop>, a token, <eop>
+        goal = min(max(budget - rendered.answer_length(), max_input_length), budget - shortest_answer)
+        dropped = 0
+        while history and rendered.prompt_length() > goal:
+            history = history[1:]
+            dropped += 2
+            rendered = self._render(system, history, question, answer)
+        dropped += fit_to_budget(rendered, budget, max_input_length, conv.source)
+        ids, labels = self.labelled(rendered)
+        return TrainSample(ids, labels, full_length - len(ids), dropped)
+
+    def eval_samples(self, conv: Conversation, max_input_length: int, max_output_length: int) -> list[EvalSample]:
+        """One sample per learned reply: its prompt up to ``<sop>`` (the latest rounds that fit), and the reply
+        followed by ``<eop>``."""
+        system, rounds, _ = chatglm6b_dialogue(conv.messages, conv.source)
+        samples = []
+        for index, (question, answer) in enumerate(rounds):
+            if not learned_by_default(answer):
+                continue
+            history = [(q, a.content) for q, a in rounds[:index]]
+            prompt = self._prompt(system, history, question, max_input_length)
+            output = (self._encode(answer.content) + self.suffix)[:max_output_length]
+            samples.append(EvalSample(prompt, output, conv.source))
+        return samples
+
+    def _prompt(self, system: str, history: list[tuple[str, str]], question: str, limit: int | None = None) -> list[int]:
+        ids = self._encode(chatglm6b_prompt(system, history, question))
+        room = None if limit is None else max(limit - 2, 0)
+        while room is not None and len(ids) > room and history:
+            history = history[1:]
+            ids = self._encode(chatglm6b_prompt(system, history, question))
+        if room is not None and len(ids) > room:
+            ids = ids[len(ids) - room:]  # the most recent text, nearest the question
+        return ids + [self.gmask, self.sop]
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The ids that ask for the next reply: the prompt of the rounds so far and the last question."""
+        system, rounds, question = chatglm6b_dialogue(messages, "the prompt")
+        if question is None:
+            raise DataError("the prompt must end with a user message", [Problem(
+                "the prompt", "ChatGLM-6B answers the last question", "end with a user message")])
+        return self._prompt(system, [(q, a.content) for q, a in rounds], question)
+
+
+def chatglm6b_dialogue(messages: list[Message], source: str) -> tuple[str, list[tuple[str, Message]], str | None]:
+    """ChatGLM-6B's view of a conversation: (system text, [(question, answer message)], the open question or None).
+    What it cannot express (tools, tool calls and results, two questions or two answers in a row) is refused."""
+    system, rounds, question = "", [], None
+    for index, message in enumerate(messages):
+        where = f"message {index} ({message.role})"
+        if message.tools is not None or message.metadata or message.role == "observation":
+            what = ("declares tools" if message.tools is not None else
+                    "is a tool call" if message.metadata else "is a tool's result")
+            raise _chatglm6b_cannot(source, f"{where} {what}; ChatGLM-6B has no tool, tool-call or observation "
+                                            "turns", "remove the tool turns, or train a ChatGLM3 / GLM-4 model")
+        if message.role == "system":
+            if index != 0:
+                raise _chatglm6b_cannot(source, f"{where}: a system message can only open the conversation",
+                                        "move the system text into the first message")
+            system = message.content
+        elif message.role == "user":
+            if question is not None:
+                raise _chatglm6b_cannot(source, f"{where} follows a user message; ChatGLM-6B prompts are "
+                                                "question/answer rounds", "merge consecutive user messages")
+            question = message.content
+        else:
+            if question is None:
+                raise _chatglm6b_cannot(source, f"{where} answers no question; ChatGLM-6B prompts are "
+                                                "question/answer rounds",
+                                        "put a user message before it, or merge consecutive replies")
+            rounds.append((question, message))
+            question = None
+    return system, rounds, question
+
+
+def chatglm6b_prompt(system: str, history: list[tuple[str, str]], question: str) -> str:
+    """``model.chat``'s prompt (``ptuning/main.py``'s with a history column), behind the system text."""
+    if history:
+        done = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+        prompt = done + f"[Round {len(history)}]\n问：{question}\n答："
+    else:
+        prompt = question
+    return (system + "\n" if system else "") + prompt
+
+
+def _chatglm6b_cannot(source: str, what: str, fix: str) -> DataError:
+    return DataError(f"{source}: the ChatGLM-6B prompt format cannot express this conversation",
+                     [Problem(source, what, fix)])
+
+
+def _overrides(tokenizer, method: str) -> bool:
+    """Whether the tokenizer's class defines ``method`` itself (remote code) rather than inheriting transformers'."""
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    own = getattr(type(tokenizer), method, None)
+    return own is not None and all(own is not getattr(base, method, None)
+                                   for base in (PreTrainedTokenizerBase, PreTrainedTokenizerFast))
+
+
 def _overrides_chat_template(tokenizer) -> bool:
     """The Jul-2024 GLM-4 tokenizer renders chats in Python (no chat_template in its config)."""
     from transformers import PreTrainedTokenizerBase
@@ -243,21 +568,36 @@ CHAT_TEMPLATE_MARKS = (("[gMASK]<sop>", {"glm4"}, "writes [gMASK]<sop>"),
                        ("问：", {"chatglm", "chatglm2"}, "writes [Round N] 问/答 prompts"))
 
 
+# a token no tokenizer has: what a tokenizer answers for it is what it answers for every unknown token
+_NO_SUCH_TOKEN = "<glmport: no such token>"
+
+
 def known_token_id(tokenizer, token: str) -> int | None:
     """The id ``tokenizer`` gives ``token`` as one whole token, or None when it does not have it (unknown
-    tokens come back as the unk id, as None, or raise, depending on the tokenizer; a token that maps back
-    to something else, e.g. GLM-4's byte tokens, is not it either)."""
+    tokens come back as the unk id, as None, or raise, depending on the tokenizer; ChatGLM2's tokenizer on
+    transformers 5 reports no unk id at all, so the id of a token that cannot exist is asked too). A token
+    that maps back to something else, e.g. GLM-4's byte tokens, is not it either; ChatGLM2's tokenizer maps
+    its special tokens back to "", which says nothing."""
     try:
         token_id = tokenizer.convert_tokens_to_ids(token)
     except Exception:  # GLM-4's remote tokenizer: KeyError for a text that is not a rank
         return None
-    if not isinstance(token_id, int) or token_id == getattr(tokenizer, "unk_token_id", None):
+    if not isinstance(token_id, int) or token_id in (getattr(tokenizer, "unk_token_id", None),
+                                                     _unknown_token_id(tokenizer)):
         return None
     try:
         back = tokenizer.convert_ids_to_tokens(token_id)
     except Exception:
         return token_id
-    return token_id if back in (token, None) else None
+    return token_id if back in (token, None, "") else None
+
+
+def _unknown_token_id(tokenizer) -> int | None:
+    try:
+        token_id = tokenizer.convert_tokens_to_ids(_NO_SUCH_TOKEN)
+    except Exception:
+        return None
+    return token_id if isinstance(token_id, int) else None
 
 
 @dataclass(frozen=True)
@@ -341,7 +681,8 @@ def detect_family(tokenizer, config: dict | None = None, *, template: str = "aut
     ``config`` (the model's config.json, :func:`glmport.modeling.config_evidence`). The overrides
     (``template``, ``model_family``) must agree with it; an explicit template that agrees wins, and one
     decides on its own only for a tokenizer of no known layout (its tokens are checked when it is built).
-    ChatGLM-6B and ChatGLM2-6B are recognised and refused: glmport does not train them yet.
+    ChatGLM2-6B and ChatGLM3-6B share [gMASK] and sop at the same ids; only ChatGLM3's tokenizer has role
+    tokens. ChatGLM-6B has <sop> like GLM-4, but no role tokens and no <|endoftext|>.
     """
     tok = tokenizer_evidence(tokenizer)
     cfg = config_evidence(config) if config is not None else None
@@ -376,9 +717,9 @@ def detect_family(tokenizer, config: dict | None = None, *, template: str = "aut
     family = tok.family or next((v for v in (model_family, template) if v not in ("auto", None)), None) or only
     if family is None:
         raise ModelError("cannot tell which model family the tokenizer belongs to", [Problem(
-            "tokenizer", "; ".join(evidence) + " (no ChatGLM3 / GLM-4 layout)",
-            "use the tokenizer of a ChatGLM3 / GLM-4 model, or name the template (glmport.template / --template "
-            "chatglm3|glm4) when this tokenizer has that family's special tokens")])
+            "tokenizer", "; ".join(evidence) + " (no ChatGLM2 / ChatGLM3 / GLM-4 layout)",
+            "use the tokenizer of a ChatGLM2 / ChatGLM3 / GLM-4 model, or name the template (glmport.template / "
+            f"--template {'|'.join(TEMPLATES)}) when this tokenizer has that family's special tokens")])
     if family not in SUPPORTED_FAMILIES:
         raise unsupported_family(family, "tokenizer" if tok.family else "config.json",
                                  tok.facts if tok.family else cfg.facts)
@@ -387,7 +728,7 @@ def detect_family(tokenizer, config: dict | None = None, *, template: str = "aut
 
 
 def detect_template(tokenizer, config: dict | None = None) -> str:
-    """``chatglm3`` or ``glm4``: :func:`detect_family` without overrides."""
+    """``chatglm2``, ``chatglm3`` or ``glm4``: :func:`detect_family` without overrides."""
     return detect_family(tokenizer, config).template
 
 
@@ -404,8 +745,12 @@ def get_template(name: str, tokenizer, *, combine: bool = False, config: dict | 
         template = GLM4Template(tokenizer, combine=combine)
     elif combine:
         raise ConfigError("combine is a GLM-4 option", [Problem(
-            "combine", "the ChatGLM3 recipe has no combine mode (it always learns every reply)",
+            "combine", f"the {FAMILY_TITLES[name]} recipe has no combine mode (it always learns every reply)",
             "set combine: false, or use a GLM-4 model")])
+    elif name == "chatglm2":
+        template = ChatGLM2Template(tokenizer)
+    elif name == "chatglm":
+        template = ChatGLM6BTemplate(tokenizer)
     else:
         template = ChatGLM3Template(tokenizer)
     template.detection = detection
@@ -424,7 +769,7 @@ def sanity_rows(tokenizer, sample: TrainSample) -> list[tuple[str, int, int]]:
 
 
 __all__ = [
-    "IGNORE_INDEX", "TEMPLATES", "ChatGLM3Template", "Detection", "EvalSample", "GLM4Template", "Template",
+    "IGNORE_INDEX", "TEMPLATES", "ChatGLM2Template", "ChatGLM3Template", "ChatGLM6BTemplate", "Detection", "EvalSample", "GLM4Template", "Template",
     "TokenizerEvidence", "TrainSample", "detect_family", "detect_template", "get_template", "sanity_rows",
     "tokenizer_evidence",
 ]

@@ -8,7 +8,8 @@
   weights are the tiny-native ones under the remote parameter names, so both folders compute the same
   function from the same seed.
 
-Both use the ChatGLM3 special-token layout by default (``family="glm4"`` gives the GLM-4 one).
+Both use the ChatGLM3 special-token layout by default (``family="glm4"`` gives the GLM-4 one; ``tiny-remote``
+also builds ChatGLM2-6B folders, ``family="chatglm2"``: its tokenizer has no role tokens).
 """
 
 from __future__ import annotations

@@ -33,10 +33,13 @@ def _layout(family: str) -> SpecialLayout:
     return LAYOUTS[family]
 
 
+SENTENCEPIECE_FAMILIES = ("chatglm2", "chatglm3")  # <unk> 0 pads, <s> 1 and </s> 2 of the piece model
+
+
 def _chat_eos_ids(layout: SpecialLayout) -> list[int]:
-    """Generation stops at eos and at the role tokens that end an assistant turn."""
-    eos = 2 if layout.family == "chatglm3" else layout.specials["<|endoftext|>"]
-    return [eos, layout.specials["<|user|>"], layout.specials["<|observation|>"]]
+    """Generation stops at eos and at the role tokens that end an assistant turn (ChatGLM2 has none)."""
+    eos = 2 if layout.family in SENTENCEPIECE_FAMILIES else layout.specials["<|endoftext|>"]
+    return [eos] + [layout.specials[role] for role in ("<|user|>", "<|observation|>") if role in layout.specials]
 
 
 NATIVE_ARCHS = ("glm", "glm4")  # config.json model_type: GlmForCausalLM, Glm4ForCausalLM (GLM-4-0414)
@@ -71,9 +74,9 @@ def native_model(shape: TinyShape, layout: SpecialLayout, seed: int, used_ids: l
         rms_norm_eps=1e-5,
         attention_bias=True,
         tie_word_embeddings=False,
-        pad_token_id=0 if layout.family == "chatglm3" else layout.specials["<|endoftext|>"],
+        pad_token_id=0 if layout.family in SENTENCEPIECE_FAMILIES else layout.specials["<|endoftext|>"],
         eos_token_id=_chat_eos_ids(layout),
-        bos_token_id=1 if layout.family == "chatglm3" else None,
+        bos_token_id=1 if layout.family in SENTENCEPIECE_FAMILIES else None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * shape.rope_ratio,
                          "partial_rotary_factor": 0.5},
     )
@@ -103,6 +106,9 @@ def build_native(target: Path, *, family: str = "chatglm3", arch: str = "glm", s
     """``arch`` glm4 (GLM-4-0414) needs the glm4 family: those models ship GLM-4's tokenizer, with a
     ``chat_template`` in tokenizer_config.json, which the tiny folder gets too."""
     layout = _layout(family)
+    if family == "chatglm":
+        raise ValueError("ChatGLM-6B has no native transformers class (its 2-D positions and GLM-130B block): "
+                         "build it with tiny-remote")
     if arch == "glm4" and family != "glm4":
         raise ValueError(f"architecture glm4 (GLM-4-0414) uses the glm4 tokenizer layout, not {family}")
     model = native_model(TinyShape(**shape), layout, seed, used_token_ids(layout, seed_text), arch)
@@ -129,28 +135,13 @@ def remote_state_dict(native) -> dict:
     dense_h_to_4h, as the ChatGLM checkpoints store them)."""
     import torch
 
-    config = native.config
-    sd = native.state_dict()
-    out = {
-        "transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
-        "transformer.encoder.final_layernorm.weight": sd["model.norm.weight"],
-        "transformer.output_layer.weight": sd["lm_head.weight"],
-    }
-    rot = config.head_dim // 2
+    from glmport.convert.weights import native_to_remote  # the one name table, shared with glmport convert
+
+    out = native_to_remote(native.state_dict())
+    rot = native.config.head_dim // 2
     out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (
         10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
     )
-    for i in range(config.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
-        for part in ("weight", "bias"):
-            out[f"{dst}self_attention.query_key_value.{part}"] = torch.cat(
-                [sd[f"{src}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")], dim=0
-            )
-        out[f"{dst}self_attention.dense.weight"] = sd[f"{src}self_attn.o_proj.weight"]
-        out[f"{dst}input_layernorm.weight"] = sd[f"{src}input_layernorm.weight"]
-        out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}post_attention_layernorm.weight"]
-        out[f"{dst}mlp.dense_h_to_4h.weight"] = sd[f"{src}mlp.gate_up_proj.weight"]
-        out[f"{dst}mlp.dense_4h_to_h.weight"] = sd[f"{src}mlp.down_proj.weight"]
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
@@ -191,7 +182,7 @@ def remote_config(shape: TinyShape, layout: SpecialLayout, revision: str) -> dic
         "torch_dtype": "float32",
         "tie_word_embeddings": False,
         "eos_token_id": _chat_eos_ids(layout)[0],
-        "pad_token_id": 0 if layout.family == "chatglm3" else layout.specials["<|endoftext|>"],
+        "pad_token_id": 0 if layout.family in SENTENCEPIECE_FAMILIES else layout.specials["<|endoftext|>"],
     }
     if layout.family == "glm4":
         config["rope_ratio"] = shape.rope_ratio
@@ -207,6 +198,12 @@ def build_remote(target: Path, *, family: str = "chatglm3", revision: str | None
     layout = _layout(family)
     revision = revision or FIXTURE_REVISIONS[family][-1]
     shape = TinyShape(**shape_options)
+    if family == "chatglm":  # ChatGLM-6B: weights of its own (no native class computes it)
+        from glmport.tiny import chatglm6b
+
+        chatglm6b.build(target, layout, shape, revision=revision, seed=seed, seed_text=seed_text)
+        _write_marker(target, "tiny-remote", family, seed, revision=revision)
+        return
     native = native_model(shape, layout, seed, used_token_ids(layout, seed_text))
     save_file(remote_state_dict(native), str(target / "model.safetensors"), metadata={"format": "pt"})
     (target / "config.json").write_text(json.dumps(remote_config(shape, layout, revision), indent=2) + "\n")

@@ -51,10 +51,6 @@ GLM4 = SpecialLayout(
     unk="<unk>", bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
 )
 
-LAYOUTS = {"chatglm3": CHATGLM3, "glm4": GLM4}
-
-# The generations glmport recognises but does not train: tokenizer layouts only (no tiny models), so that
-# tests can show that family detection refuses them instead of handing them a ChatGLM3 / GLM-4 template.
 CHATGLM2 = SpecialLayout(
     family="chatglm2",  # ChatGLM2-6B: ChatGLM3's SentencePiece ids, but no role tokens ("[Round N]" prompts)
     specials={"[MASK]": 64789, "[gMASK]": 64790, "[sMASK]": 64791, "sop": 64792, "eop": 64793},
@@ -63,14 +59,17 @@ CHATGLM2 = SpecialLayout(
     unk="<unk>", bos="<s>", eos="</s>", pad="<unk>",
 )
 
+LAYOUTS = {"chatglm3": CHATGLM3, "glm4": GLM4, "chatglm2": CHATGLM2}
+
 CHATGLM = SpecialLayout(
-    family="chatglm",  # ChatGLM-6B (v1): icetk vocabulary of 130528, <sop>/<eop> as bos/eos, no role tokens
+    family="chatglm",  # ChatGLM-6B (v1): vocabulary of 130528, <sop>/<eop> as bos/eos, no role tokens
     specials={"[MASK]": 130000, "[gMASK]": 130001, "<sop>": 130004, "<eop>": 130005},
     first_special=130000,
     padded_vocab_size=130528,
     unk="<unk>", bos="<sop>", eos="<eop>", pad="<unk>",
 )
 
+LAYOUTS["chatglm"] = CHATGLM  # ChatGLM-6B trains too: tiny-remote folders only (no native class computes it)
 RECOGNISED_LAYOUTS = {**LAYOUTS, "chatglm2": CHATGLM2, "chatglm": CHATGLM}
 
 # Characters every tiny vocabulary has, besides those of the seed text.

@@ -6,8 +6,9 @@ never put in fp16 silently (see :func:`glmport.modeling.resolve_dtype`).
 
 P-Tuning v2:
 
-* ChatGLM3 remote code has its own prefix encoder (``config.pre_seq_len``), whose key/value layout
-  ``[seq, batch, kv_groups, head_dim]`` peft's prefix tuning does not produce (zai-org/ChatGLM3#359);
+* ChatGLM-6B/ChatGLM2/ChatGLM3 remote code has its own prefix encoder (``config.pre_seq_len``), whose key/value
+  layout ``[seq, batch, kv_groups (ChatGLM-6B: heads), head_dim]`` peft's prefix tuning does not produce
+  (zai-org/ChatGLM3#359);
   we use the model's own, as the upstream demo does, and train only ``transformer.prefix_encoder``.
 * Everything else (GLM-4 remote code, native ``Glm``/``Glm4`` classes) uses peft ``PREFIX_TUNING`` with the key/value-head
   geometry filled in: ``num_attention_heads`` = key/value heads and ``token_dim`` = kv heads x head dim.
@@ -41,8 +42,10 @@ def quiet_peft():
         yield
 
 def uses_own_prefix_encoder(info, peft_config) -> bool:
+    """ChatGLM-6B's, ChatGLM2-6B's and ChatGLM3-6B's remote code (their official P-Tuning v2 recipes) bring
+    their own (ChatGLM-6B's, the one P-Tuning v2 was built for, with ``prefix_projection`` too)."""
     return (peft_config or {}).get("peft_type", "").upper() == "PREFIX_TUNING" and info.kind == "remote" \
-        and info.family == "chatglm3"
+        and info.family in ("chatglm", "chatglm2", "chatglm3")
 
 
 def prefix_config_overrides(info, peft_config) -> dict:

@@ -9,7 +9,10 @@ import pytest
 from glmport.testing import ok, run_cli
 from glmport.tiny.synthetic import make_records, write_jsonl
 
-MODEL_ARGS = {"native": ["tiny-native"], "remote": ["tiny-remote"], "remote-glm4": ["tiny-remote", "--family", "glm4"]}
+MODEL_ARGS = {"native": ["tiny-native"], "remote": ["tiny-remote"], "remote-glm4": ["tiny-remote", "--family", "glm4"],
+              "remote-chatglm2": ["tiny-remote", "--family", "chatglm2"],
+              "remote-chatglm": ["tiny-remote", "--family", "chatglm"],
+              "native-glm4": ["tiny-native", "--arch", "glm4"]}
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +30,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 class _TinyModels(dict):
-    """``models["native" | "remote" | "remote-glm4"]``: the folder, built by ``glmport init-model`` on first use."""
+    """``models["native" | "remote" | "remote-glm4" | ...]`` (:data:`MODEL_ARGS`): the folder, built by
+    ``glmport init-model`` on first use."""
 
     def __init__(self, root: Path):
         super().__init__()

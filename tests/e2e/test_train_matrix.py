@@ -57,6 +57,60 @@ def test_train(kind, method, backend, models, data_dir, tmp_path):
         assert "compat/compat-generation" in s["patches"]
 
 
+# ChatGLM2-6B: LoRA on both backends; P-Tuning v2 (its own prefix encoder) on emulated mlu, full SFT on cpu
+CHATGLM2_RUNS = [("lora", "cpu"), ("lora", "mlu"), ("ptuning", "mlu"), ("sft", "cpu")]
+CHATGLM2_RESULT = {"lora": ("adapter", "adapter_model.safetensors"), "ptuning": ("prefix-encoder", "prefix_encoder.safetensors"),
+                   "sft": ("full-model", "modeling_chatglm.py")}
+
+
+@pytest.mark.parametrize("method, backend", CHATGLM2_RUNS, ids=[f"{m}-{b}" for m, b in CHATGLM2_RUNS])
+def test_chatglm2_remote_code(method, backend, models, data_dir, tmp_path):
+    config = write_config(tmp_path, method)
+    env = {"GLMPORT_EMULATE": "mlu"} if backend == "mlu" else {}
+    ok(run_cli("train", data_dir, models["remote-chatglm2"], config, "--backend", backend, "-q", env=env,
+               in_process=False))
+    s = summary(tmp_path)
+    assert (s["model_family"], s["method"], s["backend"], s["steps"]) == ("chatglm2", method, backend, 4)
+    assert math.isfinite(s["last_loss"]) and math.isfinite(s["eval"]["loss"]) and "rouge-1" in s["eval"]
+    final = tmp_path / "out" / "final"
+    published = json.loads((final / "glmport_result.json").read_text())
+    content, file = CHATGLM2_RESULT[method]
+    assert published["content"] == content and (final / file).is_file()
+    assert (published["template"], published["family_detection"]["family"]) == ("chatglm2", "chatglm2")
+    assert "compat/compat-rotary-fp32" in s["patches"]
+    if backend == "mlu":
+        assert s["guard_64bit"]["mode"] == "error" and s["guard_64bit"]["leaks"] == []
+        assert "int32/int32-positions" in s["patches"] and "accelerator/attention-varlen" in s["patches"]
+
+
+# ChatGLM-6B: LoRA on both backends, P-Tuning v2 (its own prefix encoder) on emulated mlu, full SFT on cpu
+CHATGLM6B_RUNS = [("lora", "cpu"), ("lora", "mlu"), ("ptuning", "mlu"), ("sft", "cpu")]
+CHATGLM6B_RESULT = {"lora": ("adapter", "adapter_model.safetensors"),
+                    "ptuning": ("prefix-encoder", "prefix_encoder.safetensors"), "sft": ("full-model", "modeling_chatglm.py")}
+
+
+@pytest.mark.parametrize("method, backend", CHATGLM6B_RUNS, ids=[f"{m}-{b}" for m, b in CHATGLM6B_RUNS])
+def test_chatglm6b_remote_code(method, backend, models, data_dir, tmp_path):
+    config = write_config(tmp_path, method)
+    env = {"GLMPORT_EMULATE": "mlu"} if backend == "mlu" else {}
+    ok(run_cli("train", data_dir, models["remote-chatglm"], config, "--backend", backend, "-q", env=env,
+               in_process=False))
+    s = summary(tmp_path)
+    assert (s["model_family"], s["method"], s["backend"], s["steps"]) == ("chatglm", method, backend, 4)
+    assert math.isfinite(s["last_loss"]) and math.isfinite(s["eval"]["loss"]) and "rouge-1" in s["eval"]
+    final = tmp_path / "out" / "final"
+    published = json.loads((final / "glmport_result.json").read_text())
+    content, file = CHATGLM6B_RESULT[method]
+    assert published["content"] == content and (final / file).is_file()
+    assert (published["template"], published["family_detection"]["family"]) == ("chatglm", "chatglm")
+    expected = ["compat/compat-tokenizer-init", "compat/compat-transformers-inputs", "compat/compat-generation"]
+    if backend == "mlu":
+        assert s["guard_64bit"]["mode"] == "error" and s["guard_64bit"]["leaks"] == []
+        assert s["guard_64bit"]["ops_checked"] > 1000
+        expected += ["int32/int32-positions", "accelerator/attention-sdpa", "no-torchscript/torchscript-off"]
+    assert all(name in s["patches"] for name in expected), s["patches"]
+
+
 @pytest.mark.parametrize("method", ["lora", "ptuning"])
 def test_glm4_remote_code_on_emulated_mlu(method, models, data_dir, tmp_path):
     config = write_config(tmp_path, method, combine=True)
@@ -67,6 +121,31 @@ def test_glm4_remote_code_on_emulated_mlu(method, models, data_dir, tmp_path):
     content, files = EXPECTED_RESULT[("remote-glm4", method)]
     for name in files:
         assert (tmp_path / "out" / "final" / name).is_file()
+
+
+# The rest of the README's model table: GLM-4-9B-chat remote code on cpu (LoRA, full SFT) and the native
+# GLM-4-0414 class with P-Tuning v2 (peft prefix tuning) and full SFT.
+GLM4_RUNS = [("remote-glm4", "lora", "cpu"), ("remote-glm4", "sft", "cpu"), ("native-glm4", "ptuning", "mlu"),
+             ("native-glm4", "sft", "cpu")]
+GLM4_RESULT = {"lora": ("adapter", "adapter_model.safetensors"), "ptuning": ("adapter", "adapter_model.safetensors"),
+               "sft": ("full-model", "model.safetensors")}
+
+
+@pytest.mark.parametrize("kind, method, backend", GLM4_RUNS, ids=["-".join(run) for run in GLM4_RUNS])
+def test_glm4_generations(kind, method, backend, models, data_dir, tmp_path):
+    config = write_config(tmp_path, method, combine=kind == "remote-glm4")
+    env = {"GLMPORT_EMULATE": "mlu"} if backend == "mlu" else {}
+    ok(run_cli("train", data_dir, models[kind], config, "--backend", backend, "-q", env=env, in_process=False))
+    s = summary(tmp_path)
+    assert (s["model_family"], s["method"], s["backend"], s["steps"]) == ("glm4", method, backend, 4)
+    assert math.isfinite(s["first_loss"]) and math.isfinite(s["last_loss"]) and math.isfinite(s["eval"]["loss"])
+    if backend == "mlu":
+        assert s["guard_64bit"]["leaks"] == [] and s["guard_64bit"]["ops_checked"] > 1000
+    content, name = GLM4_RESULT[method]
+    published = json.loads((tmp_path / "out" / "final" / "glmport_result.json").read_text())
+    assert published["content"] == content and (tmp_path / "out" / "final" / name).is_file()
+    if kind == "remote-glm4" and method == "sft":
+        assert (tmp_path / "out" / "final" / "modeling_chatglm.py").is_file()
 
 
 def test_bf16_on_emulated_mlu(models, data_dir, tmp_path):

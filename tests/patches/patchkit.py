@@ -99,7 +99,7 @@ def upstream_sources() -> list[Source] | str:
     return found
 
 
-def source_params(*, fixtures: bool = True, upstream: bool = True, families=("chatglm3", "glm4")) -> list:
+def source_params(*, fixtures: bool = True, upstream: bool = True, families=("chatglm3", "glm4", "chatglm2")) -> list:
     """pytest parameters: one per fixture revision, one per upstream folder (or one skipped placeholder)."""
     params = []
     if fixtures:
@@ -169,9 +169,9 @@ def build_upstream_folder(source: Source, target: Path) -> Path:
         borrowed = _sibling_with(source, "configuration_chatglm.py", "2024-06")
         assert borrowed is not None, f"no configuration_chatglm.py for {source.name} in any {source.family} folder"
         shutil.copyfile(borrowed, target / "configuration_chatglm.py")
-    if source.family == "chatglm3" and not (target / "quantization.py").is_file():
+    if source.family in ("chatglm2", "chatglm3") and not (target / "quantization.py").is_file():
         borrowed = _sibling_with(source, "quantization.py", "2024-06")
-        assert borrowed is not None, "ChatGLM3 needs quantization.py on disk; no chatglm3 folder has one"
+        assert borrowed is not None, f"{source.family} needs quantization.py on disk; no {source.family} folder has one"
         shutil.copyfile(borrowed, target / "quantization.py")
     layout = LAYOUTS[source.family]
     (target / "config.json").write_text(json.dumps(remote_config(shape(), layout, source.name), indent=2) + "\n")

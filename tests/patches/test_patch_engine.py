@@ -480,6 +480,7 @@ def test_a_failing_patch_rolls_back_everything(model_dir, mode, message):
 
 
 def test_preflight_reports_every_missing_target_in_one_error(model_dir, tmp_path):
+    from glmport.patching.manifest import known_revisions
     from glmport.patching.session import load_modules, patch_session
 
     folder = copy_folder_linking_weights(model_dir(CHATGLM3), tmp_path / "renamed-targets")
@@ -499,7 +500,7 @@ def test_preflight_reports_every_missing_target_in_one_error(model_dir, tmp_path
         patch_session(info, mlu, "train", registry=registry)
     assert [p.what for p in refused.value.problems] == [
         f"unknown revision (sha256 {refused.value.problems[0].what.split('sha256 ')[1][:12]}...); known revisions of "
-        "this file: chatglm3-6b-2023-12, chatglm3-6b-2024-06, chatglm3-6b-2024-08, glm-4-9b-chat-2024-07"]
+        f"this file: {', '.join(known_revisions('modeling'))}"]
     with pytest.raises(PatchError) as missing:
         patch_session(info, mlu, "train", allow_unverified=True, registry=registry)
     whats = [p.what for p in missing.value.problems]

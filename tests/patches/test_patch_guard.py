@@ -119,7 +119,7 @@ def test_mlu_set_makes_the_same_inputs_clean(source, model_dir):
     assert report.clean
 
 
-@pytest.mark.parametrize("source", source_params(families=("chatglm3",)))
+@pytest.mark.parametrize("source", source_params(families=("chatglm3", "chatglm2")))
 @pytest.mark.parametrize("plan_backend", ["cpu", "mlu"])
 def test_ptuning_prefix_ids_are_caught_without_and_clean_with_the_mlu_set(source, plan_backend, model_dir):
     """P-Tuning v2 (pre_seq_len): the prefix ids are int64 upstream; mlu-train builds them in int32."""

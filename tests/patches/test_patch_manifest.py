@@ -34,17 +34,27 @@ from glmport.patching.manifest import (
 from glmport.tiny.remote import FIXTURE_REVISIONS, fixture_files, imitated_revision
 
 SOURCES = {s.name: s for s in fixture_sources()}
-KNOWN_MODELING = ["chatglm3-6b-2023-12", "chatglm3-6b-2024-06", "chatglm3-6b-2024-08", "glm-4-9b-chat-2024-07"]
+# This file pins the ChatGLM3 and GLM-4 revisions; other families' revisions are pinned by their own tests.
+FAMILIES = ("chatglm3", "glm4")
+KNOWN_MODELING = ["chatglm3-6b-2023-10", "chatglm3-6b-2023-11", "chatglm3-6b-2023-12", "chatglm3-6b-2024-06",
+                  "chatglm3-6b-2024-08", "glm-4-9b-chat-2024-07"]
+NAME_PREFIX = {"chatglm": "chatglm-6b-", "chatglm2": "chatglm2-6b-", "chatglm3": "chatglm3-6b-", "glm4": "glm-4-9b-"}
+
+
+def of_families(names: list[str]) -> list[str]:
+    revisions = load_manifest()["revisions"]
+    return [name for name in names if revisions[name]["family"] in FAMILIES]
 
 
 def test_manifest_entries_are_consistent():
     manifest = load_manifest()
     revisions = manifest["revisions"]
-    assert set(revisions) == {"chatglm3-6b-2023-12", "chatglm3-6b-2024-06", "chatglm3-6b-2024-08",
-                              "glm-4-9b-chat-2024-07", "glm-4-9b-chat-2024-07-jinja"}
+    assert set(of_families(list(revisions))) == {
+        "chatglm3-6b-2023-10", "chatglm3-6b-2023-11", "chatglm3-6b-2023-12", "chatglm3-6b-2024-01",
+        "chatglm3-6b-2024-06", "chatglm3-6b-2024-08", "glm-4-9b-chat-2024-07", "glm-4-9b-chat-2024-07-jinja"}
     for name, meta in revisions.items():
-        assert meta["family"] == ("glm4" if name.startswith("glm-4") else "chatglm3"), name
-        assert re.fullmatch(r"\d{4}-\d{2}", meta["date"]) and meta["note"], name
+        assert name.startswith(NAME_PREFIX[meta["family"]]), name
+        assert re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", meta["date"]) and meta["note"], name  # month, or the day
     assert set(manifest["files"]) == set(REMOTE_FILES.values())
     used = set()
     for file_name, entries in manifest["files"].items():
@@ -57,10 +67,13 @@ def test_manifest_entries_are_consistent():
                 assert any(other["hash"] == "raw" and other["revision"] == entry["revision"]
                            and other["source"] == entry["source"] for other in entries.values()), (file_name, digest)
     assert used == set(revisions)  # every revision is identified by at least one file
-    assert known_revisions("modeling") == KNOWN_MODELING
-    assert known_revisions("configuration") == ["chatglm3-6b-2023-12", "glm-4-9b-chat-2024-07"]
-    assert known_revisions("tokenization") == ["chatglm3-6b-2023-12", "chatglm3-6b-2024-06", "glm-4-9b-chat-2024-07",
-                                               "glm-4-9b-chat-2024-07-jinja"]
+    assert of_families(known_revisions("modeling")) == KNOWN_MODELING
+    # ChatGLM3 ships one configuration file from its release on, and it is ChatGLM2-6B's (listed under the
+    # older revision), so no ChatGLM3 revision is named for it
+    assert of_families(known_revisions("configuration")) == ["glm-4-9b-chat-2024-07"]
+    assert of_families(known_revisions("tokenization")) == [
+        "chatglm3-6b-2023-10", "chatglm3-6b-2023-11", "chatglm3-6b-2023-12", "chatglm3-6b-2024-01",
+        "chatglm3-6b-2024-06", "glm-4-9b-chat-2024-07", "glm-4-9b-chat-2024-07-jinja"]
 
 
 def test_patch_revision_rules_name_manifest_revisions():
@@ -108,9 +121,19 @@ FIXTURE_IDENTITY = {
     ("chatglm3-2024-06", "modeling"): ("glmport-fixture-chatglm3-2024-06", "chatglm3-6b-2024-06"),
     ("chatglm3-2024-06", "configuration"): ("glmport-fixture-chatglm3-2023-12", "chatglm3-6b-2023-12"),
     ("chatglm3-2024-06", "tokenization"): ("glmport-fixture-chatglm3-2024-06", "chatglm3-6b-2024-06"),
+    ("chatglm2-2023-07", "modeling"): ("glmport-fixture-chatglm2-2023-07", "chatglm2-6b-2023-07"),
+    ("chatglm2-2023-07", "configuration"): ("glmport-fixture-chatglm2-2023-07", "chatglm2-6b-2023-07"),
+    ("chatglm2-2023-07", "tokenization"): ("glmport-fixture-chatglm2-2023-07", "chatglm2-6b-2023-07"),
+    ("chatglm2-2023-10", "modeling"): ("glmport-fixture-chatglm2-2023-10", "chatglm2-6b-2023-10"),
+    # rendered from the same source as ChatGLM3's (upstream ships it unchanged); the chatglm3 fixture claims it
+    ("chatglm2-2023-10", "configuration"): ("glmport-fixture-chatglm3-2023-12", "chatglm3-6b-2023-12"),
+    ("chatglm2-2023-10", "tokenization"): ("glmport-fixture-chatglm2-2023-10", "chatglm2-6b-2023-10"),
     ("glm4-2024-07", "modeling"): ("glmport-fixture-glm4-2024-07", "glm-4-9b-chat-2024-07"),
     ("glm4-2024-07", "configuration"): ("glmport-fixture-glm4-2024-07", "glm-4-9b-chat-2024-07"),
     ("glm4-2024-07", "tokenization"): ("glmport-fixture-glm4-2024-07", "glm-4-9b-chat-2024-07"),
+    ("chatglm-2023-05", "modeling"): ("glmport-fixture-chatglm-2023-05", "chatglm-6b-2023-05"),
+    ("chatglm-2023-05", "configuration"): ("glmport-fixture-chatglm-2023-05", "chatglm-6b-2023-05"),
+    ("chatglm-2023-05", "tokenization"): ("glmport-fixture-chatglm-2023-05", "chatglm-6b-2023-05"),
 }
 
 
@@ -159,7 +182,7 @@ def test_edited_file_is_refused_with_the_known_revisions(model_dir, tmp_path, fr
     problem = plan.problems[0]
     assert problem.where.endswith("modeling_chatglm.py")
     assert problem.what == (f"unknown revision (sha256 {identity.sha256[:12]}...); known revisions of this file: "
-                            + ", ".join(KNOWN_MODELING))
+                            + ", ".join(known_revisions("modeling")))
     assert "--allow-unverified-patches" in problem.fix
     statuses = {(e.patch.file, e.status) for e in plan.entries}
     assert ("modeling", "refused") in statuses and ("modeling", "apply") not in statuses
@@ -170,7 +193,7 @@ def test_edited_file_is_refused_with_the_known_revisions(model_dir, tmp_path, fr
     rc = main(["patch", "plan", str(folder), "--backend", "mlu", "--mode", "train"])
     out = capsys.readouterr().out
     assert rc == 2
-    assert "UNKNOWN REVISION" in out and "REFUSED:" in out and ", ".join(KNOWN_MODELING) in out
+    assert "UNKNOWN REVISION" in out and "REFUSED:" in out and ", ".join(known_revisions("modeling")) in out
     rc = main(["patch", "plan", str(folder), "--backend", "mlu", "--mode", "train", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert rc == 2 and len(data["problems"]) == 1 and data["files"]["modeling"]["revision"] is None
@@ -186,8 +209,7 @@ def test_every_mismatch_is_reported_in_one_error(model_dir, tmp_path):
         patch_session(model_info(folder), manager.backends.get("cpu"), "infer", registry=manager.patch_sets)
     problems = refused.value.problems
     assert [p.where.rsplit("/", 1)[-1] for p in problems] == ["modeling_chatglm.py", "tokenization_chatglm.py"]
-    assert problems[1].what.endswith("known revisions of this file: chatglm3-6b-2023-12, chatglm3-6b-2024-06, "
-                                     "glm-4-9b-chat-2024-07, glm-4-9b-chat-2024-07-jinja")
+    assert problems[1].what.endswith("known revisions of this file: " + ", ".join(known_revisions("tokenization")))
 
 
 def test_allow_unverified_patches_an_edited_file_and_says_so(model_dir, tmp_path, fresh_plugin_manager, capsys):

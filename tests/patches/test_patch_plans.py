@@ -1,8 +1,8 @@
 """``glmport patch plan``: which patches a folder gets for each backend and mode, and why.
 
 The expected plans are written out below from the rules of patches/__init__.py and patches/compat.py:
-compat-checkpointing-hook only for ChatGLM3 2023-12, compat-gradient-checkpointing for the 2024 ChatGLM3
-files and GLM-4, compat-prefix-tokens for ChatGLM3 only, compat-cache-input for GLM-4 only,
+compat-checkpointing-hook only for the 2023 ChatGLM3 files (release, Nov, Dec), compat-gradient-checkpointing
+for the 2024 ChatGLM3 files and GLM-4, compat-prefix-tokens for ChatGLM3 only, compat-cache-input for GLM-4 only,
 and then the capability sets: no-torchscript on cpu and mlu (cuda runs TorchScript), int32 on mlu (no
 64-bit kernels; for native folders too), accelerator on mlu and cuda (attention and rotary table in both
 modes, label-row loss when training).
@@ -17,17 +17,22 @@ from patchkit import (
     copy_folder_linking_weights,
     fixture_sources,
     make_plan,
+    manager,
+    model_info,
     plan_rows,
     source_params,
 )
 
+from glmport.patching.manifest import REMOTE_FILES, FileIdentity, known_revisions, load_manifest
 from glmport.testing import ok, run_cli
 
 A, S = "apply", "skip"
 
 # compat rows per upstream revision of the modeling file (a fixture imitates one of these). The rows are
-# the same for every revision but for the checkpointing pair: the 2023-12 file still has the old
-# `_set_gradient_checkpointing(module, value)` hook, the 2024 files the no-op `gradient_checkpointing_enable`.
+# the same for every revision but for the checkpointing pair: the 2023 files (the release of 2023-10-27, the
+# type-hint fix of 2023-11-01, the 2023-12-07 file) still have the old `_set_gradient_checkpointing(module,
+# value)` hook, the 2024 files the no-op `gradient_checkpointing_enable`. Every modeling revision the
+# manifest knows has a row (test_every_known_modeling_revision_has_a_golden_plan).
 SHARED_COMPAT = [
     ("compat", "compat-config-use-cache", A),
     ("compat", "compat-generation", A),
@@ -41,12 +46,33 @@ CHATGLM3_2024 = SHARED_COMPAT + [
     ("compat", "compat-gradient-checkpointing", A),
     ("compat", "compat-checkpointing-hook", S),
 ]
+CHATGLM3_2023 = SHARED_COMPAT + [
+    ("compat", "compat-prefix-tokens", A),
+    ("compat", "compat-gradient-checkpointing", S),
+    ("compat", "compat-checkpointing-hook", A),
+]
+# ChatGLM2: ChatGLM3's 2023 hook throughout; the files before Oct 2023 also cut generation inputs without a
+# cache, and their tokenizer (used up to 2023-10-07) initializes its base class too early
+CHATGLM2_BEFORE_OCT = SHARED_COMPAT + [
+    ("compat", "compat-prefix-tokens", A),
+    ("compat", "compat-checkpointing-hook", A),
+    ("compat", "compat-generation-use-cache", A),
+    ("compat", "compat-rotary-fp32", A),
+    ("compat", "compat-tokenizer-init", A),
+]
 COMPAT = {
-    "chatglm3-6b-2023-12": SHARED_COMPAT + [
+    "chatglm2-6b-2023-07": CHATGLM2_BEFORE_OCT,
+    "chatglm2-6b-2023-09": CHATGLM2_BEFORE_OCT,
+    "chatglm2-6b-2023-10": SHARED_COMPAT + [
         ("compat", "compat-prefix-tokens", A),
-        ("compat", "compat-gradient-checkpointing", S),
         ("compat", "compat-checkpointing-hook", A),
+        ("compat", "compat-generation-use-cache", S),
+        ("compat", "compat-rotary-fp32", A),
+        ("compat", "compat-tokenizer-init", S),
     ],
+    "chatglm3-6b-2023-10": CHATGLM3_2023,
+    "chatglm3-6b-2023-11": CHATGLM3_2023,
+    "chatglm3-6b-2023-12": CHATGLM3_2023,
     "chatglm3-6b-2024-06": CHATGLM3_2024,
     "chatglm3-6b-2024-08": CHATGLM3_2024,
     "glm-4-9b-chat-2024-07": SHARED_COMPAT + [
@@ -74,7 +100,7 @@ NATIVE = {
     ("mlu", "train"): NATIVE_INT32,
 }
 
-TOKENIZER_PATCHES = {"compat-tokenizer-pad", "compat-tokenizer-batch-encode-plus"}
+TOKENIZER_PATCHES = {"compat-tokenizer-pad", "compat-tokenizer-batch-encode-plus", "compat-tokenizer-init"}
 COMBOS = [(b, m) for b in ("cpu", "cuda", "mlu") for m in ("infer", "train")]
 COMBO_IDS = [f"{b}-{m}" for b, m in COMBOS]
 
@@ -102,8 +128,9 @@ def test_plan_table(source, backend, mode, model_dir, fresh_plugin_manager, caps
     for entry in plan.entries:
         if entry.status == "apply":
             assert entry.reason == entry.patch.why
-        elif entry.patch.id in TOKENIZER_PATCHES:
-            assert "tokenization" in entry.reason
+        elif entry.patch.id in TOKENIZER_PATCHES and not source.has_tokenizer:
+            # the tokenizer code is not used, unless a revision rule skipped the patch first
+            assert "tokenization" in entry.reason or entry.reason == f"not needed for {source.imitated}"
         else:
             assert entry.reason == f"not needed for {source.imitated}"
 
@@ -113,6 +140,50 @@ def test_plan_table(source, backend, mode, model_dir, fresh_plugin_manager, caps
     data = json.loads(capsys.readouterr().out)
     assert [(p["set"], p["id"], p["status"]) for p in data["patches"]] == expected_rows(source, backend, mode)
     assert data["problems"] == [] and data["files"]["modeling"]["revision"] == modeling.revision
+
+
+FAMILIES = ("chatglm3", "glm4", "chatglm2")  # the remote-code families whose plans the tables above hold
+
+
+def manifest_revisions(key: str | None = None) -> list[str]:
+    """Revisions of :data:`FAMILIES` in patches/manifest.json (only those with a ``key`` file, if given)."""
+    manifest = load_manifest()
+    names = [REMOTE_FILES[key]] if key else list(REMOTE_FILES.values())
+    listed = {entry["revision"] for name in names for entry in manifest["files"].get(name, {}).values()}
+    return sorted(r for r, meta in manifest["revisions"].items() if meta["family"] in FAMILIES and r in listed)
+
+
+def test_every_known_modeling_revision_has_a_golden_plan():
+    """A revision added to the manifest needs its expected plan here (and a patch rule that produces it)."""
+    assert set(COMPAT) == set(manifest_revisions("modeling"))
+
+
+@pytest.mark.parametrize("backend, mode", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("revision", manifest_revisions())
+def test_plan_rules_for_every_manifest_revision(revision, backend, mode, model_dir, monkeypatch):
+    """The patch rules over every revision the manifest knows, without the upstream files: the family's fixture
+    folder, its files identified as ``revision`` where the manifest lists a file of that revision (a
+    tokenizer-only revision keeps the fixture's modeling file, and with it that file's plan). The real files
+    get the same table through test_plan_table when GLMPORT_UPSTREAM_DIR holds them."""
+    from glmport.patching import session
+    from glmport.patching.session import make_plan as engine_plan
+
+    family = load_manifest()["revisions"][revision]["family"]
+    folder = model_dir(next(s for s in fixture_sources() if s.family == family))
+    real = session.identify_remote_folder(folder)
+    listed = {key for key, name in REMOTE_FILES.items()
+              if any(e["revision"] == revision for e in load_manifest()["files"].get(name, {}).values())}
+    assert listed, revision
+    files = {key: FileIdentity(key, f.path, f.sha256, revision) if key in listed else f for key, f in real.items()}
+    monkeypatch.setattr(session, "identify_remote_folder", lambda path: dict(files))
+
+    plugins = manager()
+    plan = engine_plan(model_info(folder), plugins.backends.get(backend), mode, plugins.patch_sets)
+    assert plan.problems == []
+    modeling = files["modeling"].effective_revision
+    assert plan_rows(plan) == COMPAT[modeling] + BACKEND_SETS[(backend, mode)]
+    skipped = {e.reason for e in plan.entries if e.status == S}
+    assert skipped <= {f"not needed for {modeling}"}, skipped
 
 
 @pytest.mark.parametrize("backend, mode", COMBOS, ids=COMBO_IDS)
@@ -144,7 +215,7 @@ def test_cli_refused_plan_exits_2_and_says_refused(model_dir, tmp_path):
     out = run_cli("patch", "plan", str(folder), "--backend", "mlu", "--mode", "train")
     assert out.returncode == 2, out.stdout + out.stderr
     assert "REFUSED:" in out.stdout and "unknown revision" in out.stdout
-    assert "known revisions of this file: chatglm3-6b-2023-12, chatglm3-6b-2024-06" in out.stdout
+    assert f"known revisions of this file: {', '.join(known_revisions('modeling'))}" in out.stdout
     rows = [line.split() for line in out.stdout.splitlines()
             if line.strip().startswith(("no-torchscript", "int32", "accelerator"))]
     assert rows and all(row[2] == "refused" for row in rows)

@@ -1,6 +1,6 @@
 """Which generation a model is, from its own evidence: config.json, the tokenizer's special tokens (read from
 the tokenizer, never assumed) and its chat template. ChatGLM2-6B keeps [gMASK] at ChatGLM3's id but has no
-role tokens: it must be refused, not handed the ChatGLM3 template.
+role tokens: it gets its own template, never the ChatGLM3 one, and evidence that disagrees is refused.
 """
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ import json
 
 import pytest
 
-from glmport.data.templates import detect_family, get_template
+from glmport.data.templates import TEMPLATES, detect_family, get_template
 from glmport.errors import ConfigError, ModelError
 from glmport.modeling import config_evidence, inspect_model_dir
 from glmport.testing import run_cli
 from glmport.tiny import build_tiny_model
-from glmport.tiny.tokenizer import CHATGLM, CHATGLM3, build_fast_tokenizer
+from glmport.tiny.tokenizer import CHATGLM, CHATGLM2, CHATGLM3, build_fast_tokenizer
 
 CHATGLM3_TOKENS = ("tokenizer has [gMASK] 64790, sop 64792, "
                    "<|system|>/<|user|>/<|assistant|>/<|observation|> 64794/64795/64796/64797; no <sop>, <|endoftext|>")
+CHATGLM2_TOKENS = "tokenizer has [gMASK] 64790, sop 64792; no role tokens (<|user|>...), <sop>, <|endoftext|>"
 GLM4_TOKENS = ("tokenizer has [gMASK] 151331, <sop> 151333, <|endoftext|> 151329, "
                "<|system|>/<|user|>/<|assistant|>/<|observation|> 151335/151336/151337/151338; no sop")
 
@@ -42,59 +43,90 @@ def _tiny_tokenizer(kind: str, folder):
     ("tiny-native", "glm4", "config.json model_type glm, vocab_size 151552"),
     ("tiny-remote", "chatglm3", "config.json model_type chatglm, padded_vocab_size 65024, no rope_ratio"),
     ("tiny-remote", "glm4", "config.json model_type chatglm, padded_vocab_size 151552, rope_ratio 1.0"),
-], ids=["native-chatglm3", "native-glm4", "remote-chatglm3", "remote-glm4"])
+    ("tiny-remote", "chatglm2", "config.json model_type chatglm, padded_vocab_size 65024, no rope_ratio"),
+], ids=["native-chatglm3", "native-glm4", "remote-chatglm3", "remote-glm4", "remote-chatglm2"])
 def test_tiny_models_golden(tmp_path, kind, family, config_facts):
     folder = build_tiny_model(kind, tmp_path / "model", family=family, num_layers=1)
     info = inspect_model_dir(folder)
     assert info.family == family
     detection = detect_family(_tiny_tokenizer(kind, folder), info.config)
     assert (detection.family, detection.template, detection.chosen_by) == (family, family, "detected")
-    tokens = CHATGLM3_TOKENS if family == "chatglm3" else GLM4_TOKENS
+    tokens = {"chatglm3": CHATGLM3_TOKENS, "glm4": GLM4_TOKENS, "chatglm2": CHATGLM2_TOKENS}[family]
     chat = ("chat_template writes [gMASK]<sop>" if kind == "tiny-remote" and family == "glm4" else "no chat_template")
     assert detection.describe() == f"template {family}: {tokens}; {chat}; {config_facts}"
 
 
-# --- ChatGLM2-6B and ChatGLM-6B: recognised, refused ---------------------------------------------------------
+# --- ChatGLM2-6B: its own template, never ChatGLM3's; ChatGLM-6B: its own too ---------------------------------
 
 
-def test_a_chatglm2_tokenizer_is_refused_instead_of_getting_the_chatglm3_template(tok2):
-    with pytest.raises(ModelError) as refused:
-        get_template("auto", tok2)
-    text = str(refused.value)
-    assert text.startswith("ChatGLM2-6B models are not supported by glmport yet")
-    assert "tokenizer has [gMASK] 64790, sop 64792; no role tokens (<|user|>...), <sop>, <|endoftext|>" in text
-    assert "glmport does not train ChatGLM2-6B yet; it trains ChatGLM3-6B and GLM-4-9B-chat" in text
-    assert "glmport.template cannot make a ChatGLM2-6B tokenizer speak the ChatGLM3 format" in text
+def test_a_chatglm2_tokenizer_gets_the_chatglm2_template_not_the_chatglm3_one(tok2):
+    template = get_template("auto", tok2)
+    assert (template.name, template.detection.family, template.detection.chosen_by) == ("chatglm2", "chatglm2",
+                                                                                       "detected")
+    assert template.detection.describe() == f"template chatglm2: {CHATGLM2_TOKENS}; no chat_template"
 
 
-def test_a_chatglm2_folder_config_does_not_rescue_it(tok2):
-    # ChatGLM2-6B's config.json is ChatGLM3's (model_type chatglm, padded_vocab_size 65024): no help there
-    with pytest.raises(ModelError, match="ChatGLM2-6B models are not supported"):
-        detect_family(tok2, CHATGLM3_CONFIG)
+def test_a_chatglm2_folder_config_agrees_but_cannot_decide(tok2, tok3):
+    # ChatGLM2-6B's config.json is ChatGLM3's (model_type chatglm, padded_vocab_size 65024): the tokenizer decides
+    assert detect_family(tok2, CHATGLM3_CONFIG).family == "chatglm2"
+    assert detect_family(tok3, CHATGLM3_CONFIG).family == "chatglm3"
+    assert detect_family(tok2, CHATGLM3_CONFIG).describe().endswith(
+        "config.json model_type chatglm, padded_vocab_size 65024, no rope_ratio")
 
 
 def test_naming_the_chatglm3_template_cannot_make_a_chatglm2_tokenizer_speak_it(tok2):
     with pytest.raises(ModelError) as refused:
         get_template("chatglm3", tok2)
     text = str(refused.value)
-    assert "ChatGLM2-6B models are not supported by glmport yet" in text
-    assert "glmport.template (--template): chatglm3 was asked for" in text
-    assert "glmport.template cannot make a ChatGLM2-6B tokenizer speak the ChatGLM3 format" in text
+    assert text.startswith("glmport.template (--template) chatglm3 contradicts the tokenizer")
+    assert CHATGLM2_TOKENS + " (chatglm2)" in text
+    assert "remove glmport.template (--template) (glmport detects the family), or use a ChatGLM3-6B tokenizer" in text
 
 
-def test_a_chatglm6b_tokenizer_is_refused():
-    with pytest.raises(ModelError, match=r"ChatGLM-6B models are not supported by glmport yet") as refused:
-        get_template("auto", build_fast_tokenizer(CHATGLM))
-    assert "tokenizer has [gMASK] 130001, <sop> 130004; no role tokens (<|user|>...), sop, <|endoftext|>" in str(
-        refused.value)
+def test_evidence_against_a_chatglm2_tokenizer_is_refused(tok2, tok3):
+    with pytest.raises(ModelError) as refused:
+        detect_family(tok2, GLM4_CONFIG)
+    assert str(refused.value).startswith("the model's config.json and its tokenizer are of different generations")
+    assert CHATGLM2_TOKENS + " (chatglm2)" in str(refused.value)
+    with pytest.raises(ModelError, match="glmport.model_family chatglm2 contradicts the tokenizer"):
+        detect_family(tok3, CHATGLM3_CONFIG, model_family="chatglm2")
+    with pytest.raises(ModelError, match="glmport.template chatglm3 contradicts glmport.model_family chatglm2"):
+        detect_family(tok2, template="chatglm3", model_family="chatglm2", template_key="glmport.template")
+    tok2_with_roles = build_fast_tokenizer(CHATGLM2)
+    tok2_with_roles.chat_template = "[gMASK]sop{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    with pytest.raises(ModelError, match="the tokenizer's special tokens and its chat_template are of different"):
+        detect_family(tok2_with_roles)
 
 
-def test_a_chatglm6b_folder_is_refused_from_its_config(tmp_path):
+def test_a_chatglm2_remote_folder_is_chatglm2_before_its_tokenizer_loads(tmp_path):
+    folder = build_tiny_model("tiny-remote", tmp_path / "chatglm2", family="chatglm2", num_layers=1)
+    info = inspect_model_dir(folder)
+    assert (info.kind, info.family) == ("remote", "chatglm2")  # the patches are chosen from this
+    assert info.family_from == "remote code (modeling_chatglm.py glmport-fixture-chatglm2-2023-10)"
+    assert inspect_model_dir(folder, "chatglm2").family_from == "glmport.model_family"
+    chatglm3 = build_tiny_model("tiny-remote", tmp_path / "chatglm3", num_layers=1)
+    assert inspect_model_dir(chatglm3).family == "chatglm3"
+
+
+def test_a_chatglm6b_tokenizer_gets_the_chatglm6b_template():
+    detection = detect_family(build_fast_tokenizer(CHATGLM), CHATGLM6B_CONFIG)
+    assert (detection.family, detection.template, detection.chosen_by) == ("chatglm", "chatglm", "detected")
+    assert detection.describe() == (
+        "template chatglm: tokenizer has [gMASK] 130001, <sop> 130004; no role tokens (<|user|>...), sop, "
+        "<|endoftext|>; no chat_template; config.json model_type chatglm, vocab_size 130528, no rope_ratio, "
+        "position_encoding_2d")
+    assert get_template("auto", build_fast_tokenizer(CHATGLM)).name == "chatglm"
+    with pytest.raises(ModelError, match="glmport.template .--template. chatglm3 contradicts the tokenizer"):
+        get_template("chatglm3", build_fast_tokenizer(CHATGLM))
+
+
+def test_a_chatglm6b_folder_is_told_from_its_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CHATGLM6B_CONFIG))
     (tmp_path / "modeling_chatglm.py").write_text("")
-    with pytest.raises(ModelError, match="ChatGLM-6B models are not supported by glmport yet") as refused:
-        inspect_model_dir(tmp_path)
-    assert "config.json model_type chatglm, vocab_size 130528, no rope_ratio, position_encoding_2d" in str(refused.value)
+    info = inspect_model_dir(tmp_path)
+    assert (info.kind, info.family, info.family_from) == ("remote", "chatglm", "config.json")
+    with pytest.raises(ModelError, match="glmport.model_family chatglm3 contradicts the model folder"):
+        inspect_model_dir(tmp_path, "chatglm3")
 
 
 # --- config evidence ------------------------------------------------------------------------------------------
@@ -195,7 +227,7 @@ def test_a_tokenizer_without_gmask_is_named_with_what_it_has():
     text = str(refused.value)
     assert "cannot tell which model family the tokenizer belongs to" in text
     assert "tokenizer has no role tokens (<|user|>...), [gMASK], sop, <sop>, <|endoftext|>" in text
-    assert "name the template (glmport.template / --template chatglm3|glm4)" in text
+    assert f"name the template (glmport.template / --template {'|'.join(TEMPLATES)})" in text
 
 
 def test_an_unknown_template_name_is_a_config_error(tok3):

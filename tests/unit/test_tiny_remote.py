@@ -33,11 +33,16 @@ from glmport.tiny.remote import (
 )
 from glmport.tiny.tokenizer import LAYOUTS, build_fast_tokenizer
 
-ALL = [(family, revision) for family, revisions in FIXTURE_REVISIONS.items() for revision in revisions]
+# ChatGLM-6B's fixture (no native counterpart, 2-D positions) is tested in test_chatglm6b_fixture.py
+ALL = [(family, revision) for family, revisions in FIXTURE_REVISIONS.items() for revision in revisions
+       if family != "chatglm"]
 ALL_IDS = [revision for _, revision in ALL]
 # The ChatGLM3 revisions share their numerics; code paths that do not differ run on the newest only.
-NEWEST = [(family, revisions[-1]) for family, revisions in FIXTURE_REVISIONS.items()]
+NEWEST = [(family, revisions[-1]) for family, revisions in FIXTURE_REVISIONS.items() if family != "chatglm"]
 NEWEST_IDS = [revision for _, revision in NEWEST]
+# ChatGLM2's tokenizer (no role tokens, build_prompt) and chat() are tested in test_chatglm2_fixture.py
+WITH_ROLES = [(family, revision) for family, revision in ALL if family != "chatglm2"]
+NEWEST_WITH_ROLES = [(family, revision) for family, revision in NEWEST if family != "chatglm2"]
 SHAPE = TinyShape(seq_length=64)
 GLM4_SHAPE = TinyShape(seq_length=64, rope_ratio=3.0)  # a ratio != 1 checks that rope_ratio reaches the base
 SEED_TEXT = "你好世界，训练模型"
@@ -144,7 +149,8 @@ def tokenizers(tmp_path_factory):
 # ------------------------------------------------------------------------------- fixture revisions
 
 def test_fixture_api_and_deterministic_files():
-    assert FIXTURE_REVISIONS == {"chatglm3": ["chatglm3-2023-12", "chatglm3-2024-06"], "glm4": ["glm4-2024-07"]}
+    assert FIXTURE_REVISIONS == {"chatglm3": ["chatglm3-2023-12", "chatglm3-2024-06"], "glm4": ["glm4-2024-07"],
+                                 "chatglm2": ["chatglm2-2023-07", "chatglm2-2023-10"], "chatglm": ["chatglm-2023-05"]}
     assert imitated_revision("chatglm3-2023-12") == "chatglm3-6b-2023-12"
     assert imitated_revision("chatglm3-2024-06") == "chatglm3-6b-2024-06"
     assert imitated_revision("glm4-2024-07") == "glm-4-9b-chat-2024-07"
@@ -198,7 +204,7 @@ def test_chatglm3_revisions_differ_in_the_upstream_constructs():
 
 
 def test_render_keeps_the_live_source_for_the_default_revision():
-    revisions = FIXTURE_REVISIONS["chatglm3"]
+    revisions = FIXTURE_REVISIONS["chatglm3"] + FIXTURE_REVISIONS["chatglm2"]  # ChatGLM2 renders chatglm3's model code
     for name in ("modeling_chatglm.py", "tokenization_chatglm.py"):
         source = (source_dir("chatglm3") / name).read_text(encoding="utf-8")
         live = "".join(line for line in source.splitlines(keepends=True) if not line.startswith(("#?", "#|")))
@@ -301,7 +307,7 @@ def test_kv_cache_decoding_matches_full_forward(family, revision):
         full = model(input_ids=ids, use_cache=False).logits
         prompt = model(input_ids=ids[:, :6], use_cache=True)
         cache = prompt.past_key_values
-        seq_dim = 0 if family == "chatglm3" else 2
+        seq_dim = 2 if family == "glm4" else 0  # ChatGLM2/3: sequence first
         assert isinstance(cache, tuple) and len(cache) == SHAPE.num_layers
         assert all(isinstance(layer, tuple) and len(layer) == 2 for layer in cache)
         assert cache[0][0].shape[seq_dim] == 6
@@ -312,7 +318,7 @@ def test_kv_cache_decoding_matches_full_forward(family, revision):
             cache = out.past_key_values
         assert cache[0][0].shape[seq_dim] == 8
         reordered = type(model)._reorder_cache(cache, torch.tensor([1, 0]))
-        batch_dim = 1 if family == "chatglm3" else 0
+        batch_dim = 0 if family == "glm4" else 1
         torch.testing.assert_close(reordered[0][0].select(batch_dim, 0), cache[0][0].select(batch_dim, 1))
 
 
@@ -486,7 +492,7 @@ def _with_tokenizer_fixes(base):
     return Compatible
 
 
-@pytest.mark.parametrize("family, revision", NEWEST, ids=NEWEST_IDS)
+@pytest.mark.parametrize("family, revision", NEWEST_WITH_ROLES, ids=[r for _, r in NEWEST_WITH_ROLES])
 def test_generation_works_once_the_compat_fixes_are_in(tmp_path, family, revision):
     modules = fixture_modules(family, revision)
     config = make_config(family, revision)
@@ -518,7 +524,7 @@ def test_generation_works_once_the_compat_fixes_are_in(tmp_path, family, revisio
 
 # ---------------------------------------------------------------------------------------- tokenizers
 
-@pytest.mark.parametrize("family, revision", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("family, revision", WITH_ROLES, ids=[r for _, r in WITH_ROLES])
 def test_tokenizer_ids_match_native(tokenizers, family, revision):
     tokenizer = tokenizers(family, revision)
     reference = build_fast_tokenizer(LAYOUTS[family], SEED_TEXT)
@@ -537,7 +543,7 @@ def test_tokenizer_ids_match_native(tokenizers, family, revision):
     assert tokenizer.build_single_message("user", "meta", "你好") == expected
 
 
-@pytest.mark.parametrize("family, revision", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("family, revision", WITH_ROLES, ids=[r for _, r in WITH_ROLES])
 def test_tokenizer_pad_predates_padding_side(tokenizers, family, revision):
     from transformers.utils import PaddingStrategy
 

@@ -1,16 +1,19 @@
 """glmport's from-scratch remote-code modules for tiny test models (see :mod:`glmport.tiny`).
 
-The ChatGLM3-6B and GLM-4-9B-chat downloads carry their model code as "remote code" written for
+The ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat downloads carry their model code as "remote code" written for
 transformers 4.3x-4.4x. glmport adapts that code with patch sets, and its tests need model folders that
-contain such code without shipping the third-party files. The modules under ``chatglm3/`` and ``glm4/``
-are glmport's own, written from scratch; they keep the public structure of the upstream files (class and
+contain such code without shipping the third-party files. The modules under ``chatglm3/``, ``glm4/`` and
+``chatglm2/`` (its tokenizer; the rest is rendered from ``chatglm3/``) are glmport's own, written from scratch; they keep the public structure of the upstream files (class and
 method names, signatures, attribute names, tensor layouts) and the constructs the patches target, and
 compute the same function as transformers' native ``GlmForCausalLM``.
 
 Fixture revisions
 -----------------
-Each family has one source folder. A family with several fixture revisions marks the differences inline,
-as line blocks the renderer resolves (every rendered file is written out, so its hash identifies it):
+Each family has one source folder. A family whose upstream code is another's with few changes renders
+those files from the other family's folder (:data:`SHARED_SOURCES`: ChatGLM2-6B's modeling and
+configuration files are ChatGLM3-6B's ancestors, and only its tokenizer is its own). A file with several
+fixture revisions marks the differences inline, as line blocks the renderer resolves (every rendered file
+is written out, so its hash identifies it):
 
 * ``#? REV[, REV...]`` opens a block. The lines that follow, up to ``#? else`` or ``#? end``, belong
   to the named revisions only; each is written as ``#|`` + the line exactly as it will appear (so the
@@ -20,7 +23,7 @@ as line blocks the renderer resolves (every rendered file is written out, so its
 
 Rendering drops the directive lines, keeps or drops the branches and removes the ``#|`` prefix from the
 kept revision-only lines. It checks that directives are well formed, that they only name revisions of
-the family and that the result compiles. The rendered files go to a cache folder named after the hash of
+the families that render the file and that the result compiles. The rendered files go to a cache folder named after the hash of
 the sources (``<tmp>/glmport-fixtures-<hash>``); their content depends only on the sources.
 """
 
@@ -37,7 +40,9 @@ HERE = Path(__file__).resolve().parent
 # family -> fixture revisions, oldest first. The newest is the default for new tiny-remote folders.
 FIXTURE_REVISIONS: dict[str, list[str]] = {
     "chatglm3": ["chatglm3-2023-12", "chatglm3-2024-06"],
+    "chatglm2": ["chatglm2-2023-07", "chatglm2-2023-10"],
     "glm4": ["glm4-2024-07"],
+    "chatglm": ["chatglm-2023-05"],  # ChatGLM-6B
 }
 
 # fixture revision -> the upstream revision whose constructs it reproduces (names as in glmport's manifest)
@@ -45,6 +50,16 @@ _IMITATES = {
     "chatglm3-2023-12": "chatglm3-6b-2023-12",
     "chatglm3-2024-06": "chatglm3-6b-2024-06",
     "glm4-2024-07": "glm-4-9b-chat-2024-07",
+    "chatglm2-2023-07": "chatglm2-6b-2023-07",
+    "chatglm2-2023-10": "chatglm2-6b-2023-10",
+    "chatglm-2023-05": "chatglm-6b-2023-05",
+}
+
+# family -> {file name: the family whose source folder holds that file}; files not named here are the
+# family's own. ChatGLM2-6B's model and configuration code is ChatGLM3-6B's with a few changes, marked
+# in the chatglm3 sources as chatglm2 revision blocks.
+SHARED_SOURCES: dict[str, dict[str, str]] = {
+    "chatglm2": {"modeling_chatglm.py": "chatglm3", "configuration_chatglm.py": "chatglm3"},
 }
 
 REMOTE_FILE_NAMES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
@@ -123,16 +138,24 @@ def render_source(text: str, revision: str, known_revisions: list[str], name: st
     return rendered
 
 
+def _source_owner(family: str, name: str) -> str:
+    """The family whose source folder holds ``name`` for ``family``."""
+    return SHARED_SOURCES.get(family, {}).get(name, family)
+
+
 def rendered_sources(family: str, revision: str) -> dict[str, str]:
     """{file name: text} of a fixture revision, rendered in memory."""
     revisions = FIXTURE_REVISIONS.get(family, [])
     if revision not in revisions:
         raise KeyError(f"no fixture for {family}/{revision}; known: {revisions or sorted(FIXTURE_REVISIONS)}")
-    folder = source_dir(family)
-    return {
-        name: render_source((folder / name).read_text(encoding="utf-8"), revision, revisions, name=f"{family}/{name}")
-        for name in REMOTE_FILE_NAMES
-    }
+    texts = {}
+    for name in REMOTE_FILE_NAMES:
+        owner = _source_owner(family, name)
+        # blocks in a shared file may name the revisions of every family rendered from it
+        known = [rev for other, revs in FIXTURE_REVISIONS.items() if _source_owner(other, name) == owner for rev in revs]
+        text = (source_dir(owner) / name).read_text(encoding="utf-8")
+        texts[name] = render_source(text, revision, known, name=f"{owner}/{name}")
+    return texts
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -195,7 +218,8 @@ GLM4_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )
 
-_TOKENIZER_CLASSES = {"chatglm3": "ChatGLMTokenizer", "glm4": "ChatGLM4Tokenizer"}
+_TOKENIZER_CLASSES = {"chatglm3": "ChatGLMTokenizer", "glm4": "ChatGLM4Tokenizer", "chatglm2": "ChatGLMTokenizer",
+                      "chatglm": "ChatGLMTokenizer"}
 
 
 def vocabulary_pieces(layout, seed_text: str = "") -> list[str]:
@@ -247,5 +271,9 @@ def write_remote_tokenizer(target: Path, layout, seed_text: str = "") -> None:
         config["pad_token"] = layout.pad
         config["model_max_length"] = 128000
         config["chat_template"] = GLM4_CHAT_TEMPLATE
+    if layout.family == "chatglm":
+        # ChatGLM-6B's tokenizer_config.json names its tokens; ids follow 0 image tokens since April 2023.
+        config.update(bos_token="<sop>", eos_token="<eop>", end_token="</s>", gmask_token="[gMASK]",
+                      mask_token="[MASK]", pad_token="<pad>", unk_token="<unk>", num_image_tokens=0)
     (target / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
                                                   encoding="utf-8")

@@ -1,15 +1,17 @@
-"""ChatGLM3 model code for glmport's tiny test models.
+"""ChatGLM3 (and ChatGLM2) model code for glmport's tiny test models.
 
-Written from scratch for glmport's test suite; no line of it comes from the ChatGLM3-6B download. It keeps
-the public face of the ``modeling_chatglm.py`` that ChatGLM3-6B ships as remote code (class and method
+Written from scratch for glmport's test suite; no line of it comes from the ChatGLM3-6B or ChatGLM2-6B
+downloads. It keeps the public face of the ``modeling_chatglm.py`` that ChatGLM3-6B ships as remote code,
+and ChatGLM2-6B before it with the differences marked below (class and method
 names, signatures, attribute names, parameter names, the sequence-first ``[seq, batch, heads, head_dim]``
 layout) together with the constructs glmport's patch sets have to deal with: TorchScript fuser flags set
 at import, a scripted rotary function, ``skip_init``, SDPA picked by the torch version, fp32 masks and
 logits, a tuple KV cache, and generation hooks that predate transformers 5. Those are reproduced on
 purpose, including where they break on current transformers: this file stands in for the real one.
 
-Lines starting with ``#?`` / ``#|`` describe how the older fixture revision differs; glmport renders
-each revision from this one source (see ``glmport.tiny.remote``).
+Lines starting with ``#?`` / ``#|`` describe how the older fixture revisions differ (ChatGLM2-6B's among
+them: rotary angles in the model's dtype, ``[Round N]`` text prompts in ``chat``); glmport renders each
+revision from this one source (see ``glmport.tiny.remote``).
 """
 
 import ast
@@ -45,7 +47,11 @@ if sys.platform != 'darwin':
 
 log = logging.get_logger(__name__)
 
+#? chatglm2-2023-07, chatglm2-2023-10
+#|CHATGLM_6B_PRETRAINED_MODEL_ARCHIVE_LIST = ["THUDM/chatglm2-6b"]
+#? else
 CHATGLM_6B_PRETRAINED_MODEL_ARCHIVE_LIST = ["THUDM/chatglm3-6b"]
+#? end
 
 # Token id forced when the scores turn NaN/inf (upstream's choice for ChatGLM3).
 _FALLBACK_TOKEN = 5
@@ -102,9 +108,15 @@ class RotaryEmbedding(nn.Module):
         self.original_impl = original_impl
 
     def forward_impl(self, seq_len: int, n_elem: int, dtype: torch.dtype, device: torch.device, base: int = 10000):
+#? chatglm2-2023-07, chatglm2-2023-10
+#|        # The angles are computed in the model's dtype (a half-precision model rounds the larger positions) ...
+#|        freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=dtype, device=device) / n_elem))
+#|        steps = torch.arange(seq_len, dtype=dtype, device=device)
+#? else
         # The angles are always computed in fp32 ...
         freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float, device=device) / n_elem))
         steps = torch.arange(seq_len, dtype=torch.float, device=device)
+#? end
         angles = torch.outer(steps, freqs).float()
         table = torch.stack((angles.cos(), angles.sin()), dim=-1)  # [seq_len, n_elem // 2, 2]
         # ... and then stored in the model's half precision type, if it has one.
@@ -353,7 +365,7 @@ class GLMTransformer(torch.nn.Module):
                 collected += (hidden_states,)
             layer = self._get_layer(index)
             if checkpointing:
-#? chatglm3-2023-12
+#? chatglm3-2023-12, chatglm2-2023-07, chatglm2-2023-10
 #|                hidden_states, kv_cache = torch.utils.checkpoint.checkpoint(
 #|                    layer, hidden_states, attention_mask, rotary_pos_emb, kv_caches[index], use_cache
 #|                )
@@ -410,7 +422,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         batch_size, seq_length = input_ids.shape
         return torch.arange(seq_length, dtype=torch.long, device=device).unsqueeze(0).repeat(batch_size, 1)
 
-#? chatglm3-2023-12
+#? chatglm3-2023-12, chatglm2-2023-07, chatglm2-2023-10
 #|    def _set_gradient_checkpointing(self, module, value=False):
 #|        if isinstance(module, GLMTransformer):
 #|            module.gradient_checkpointing = value
@@ -467,7 +479,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def get_input_embeddings(self):
         return self.embedding.word_embeddings
 
-#? chatglm3-2023-12
+#? chatglm3-2023-12, chatglm2-2023-07, chatglm2-2023-10
 #? else
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
@@ -564,6 +576,19 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
         model_kwargs["is_first_forward"] = False
         return model_kwargs
 
+#? chatglm2-2023-07
+#|    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values=None, attention_mask=None,
+#|                                      position_ids=None, is_first_forward: bool = True, **kwargs) -> dict:
+#|        if position_ids is None:
+#|            position_ids = self.get_position_ids(input_ids, device=input_ids.device)
+#|        if not is_first_forward:
+#|            # Later steps feed only the newest token, whether or not a cache holds the rest (without one,
+#|            # the model sees a single token).
+#|            input_ids = input_ids[:, -1:]
+#|            position_ids = position_ids[..., -1:]
+#|        return {"input_ids": input_ids, "past_key_values": past_key_values, "position_ids": position_ids,
+#|                "attention_mask": attention_mask, "return_last_logit": True}
+#? else
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values=None, attention_mask=None,
                                       position_ids=None, use_cache=None, is_first_forward: bool = True,
                                       **kwargs) -> dict:
@@ -575,6 +600,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
             position_ids = position_ids[..., -1:]
         return {"input_ids": input_ids, "past_key_values": past_key_values, "position_ids": position_ids,
                 "attention_mask": attention_mask, "return_last_logit": True, "use_cache": use_cache}
+#? end
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
@@ -620,6 +646,64 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
                               value.index_select(1, beam_idx.to(value.device))))
         return tuple(reordered)
 
+#? chatglm2-2023-07, chatglm2-2023-10
+#|    def process_response(self, response):
+#|        return response.strip()
+#|
+#|    def build_inputs(self, tokenizer, query: str, history: list[tuple[str, str]] | None = None):
+#|        return tokenizer([tokenizer.build_prompt(query, history=history)], return_tensors="pt").to(self.device)
+#|
+#|    def build_stream_inputs(self, tokenizer, query: str, history: list[tuple[str, str]] | None = None):
+#|        """The next round only: the cache of ``stream_chat`` holds the earlier ones."""
+#|        if not history:
+#|            return self.build_inputs(tokenizer, query, history=history)
+#|        text = f"\n\n[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+#|        ids = tokenizer.encode(text, add_special_tokens=False)[1:]  # without the piece model's leading space
+#|        inputs = tokenizer.batch_encode_plus([(ids, None)], return_tensors="pt", add_special_tokens=False)
+#|        return inputs.to(self.device)
+#|
+#|    @torch.inference_mode()
+#|    def chat(self, tokenizer, query: str, history: list[tuple[str, str]] | None = None, max_length: int = 8192,
+#|             num_beams=1, do_sample=True, top_p=0.8, temperature=0.8, logits_processor=None, **kwargs):
+#|        history = [] if history is None else history
+#|        processors = LogitsProcessorList() if logits_processor is None else logits_processor
+#|        processors.append(InvalidScoreLogitsProcessor())
+#|        inputs = self.build_inputs(tokenizer, query, history=history)
+#|        generated = self.generate(**inputs, max_length=max_length, num_beams=num_beams, do_sample=do_sample,
+#|                                  top_p=top_p, temperature=temperature, logits_processor=processors, **kwargs)
+#|        response = self.process_response(tokenizer.decode(generated.tolist()[0][len(inputs["input_ids"][0]):]))
+#|        return response, history + [(query, response)]
+#|
+#|    @torch.inference_mode()
+#|    def stream_chat(self, tokenizer, query: str, history: list[tuple[str, str]] | None = None, past_key_values=None,
+#|                    max_length: int = 8192, do_sample=True, top_p=0.8, temperature=0.8, logits_processor=None,
+#|                    return_past_key_values=False, **kwargs):
+#|        history = [] if history is None else history
+#|        processors = LogitsProcessorList() if logits_processor is None else logits_processor
+#|        processors.append(InvalidScoreLogitsProcessor())
+#|        if past_key_values is None and not return_past_key_values:
+#|            inputs = self.build_inputs(tokenizer, query, history=history)
+#|        else:
+#|            inputs = self.build_stream_inputs(tokenizer, query, history=history)
+#|        if past_key_values is not None:
+#|            cached = past_key_values[0][0].shape[0] - (self.transformer.pre_seq_len or 0)
+#|            inputs.position_ids += cached
+#|            mask = inputs.attention_mask
+#|            inputs["attention_mask"] = torch.cat((mask.new_ones(1, cached), mask), dim=1)
+#|        prompt_length = len(inputs["input_ids"][0])
+#|        for step in self.stream_generate(**inputs, past_key_values=past_key_values,
+#|                                         return_past_key_values=return_past_key_values, max_length=max_length,
+#|                                         do_sample=do_sample, top_p=top_p, temperature=temperature,
+#|                                         logits_processor=processors, **kwargs):
+#|            if return_past_key_values:
+#|                step, past_key_values = step
+#|            text = tokenizer.decode(step.tolist()[0][prompt_length:])
+#|            if text and not text.endswith("\ufffd"):
+#|                response = self.process_response(text)
+#|                new_history = history + [(query, response)]
+#|                yield (response, new_history, past_key_values) if return_past_key_values else (response, new_history)
+#|
+#? else
     def process_response(self, output, history):
         """Split a decoded reply into assistant turns; a turn whose first line is a tool name is a tool call."""
         history = copy.deepcopy(history)
@@ -690,6 +774,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
                 reply, new_history = self.process_response(text, history)
                 yield (reply, new_history, past_key_values) if return_past_key_values else (reply, new_history)
 
+#? end
     @torch.inference_mode()
     def stream_generate(self, input_ids, generation_config: GenerationConfig | None = None,
                         logits_processor: LogitsProcessorList | None = None,
@@ -732,9 +817,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
             model_kwargs = self._update_model_kwargs_for_generation(
                 outputs, model_kwargs, is_encoder_decoder=self.config.is_encoder_decoder
             )
+#? chatglm2-2023-07, chatglm2-2023-10
+#|            if stop_ids is not None:
+#|                running = running * sum(chosen != stop for stop in stop_ids).long()
+#? else
             if stop_tensor is not None:
                 stopped = (chosen.unsqueeze(0) == stop_tensor.unsqueeze(1)).any(dim=0)
                 running = running * (~stopped).to(running.dtype)
+#? end
             yield (input_ids, outputs.past_key_values) if return_past_key_values else input_ids
             if running.max() == 0 or criteria(input_ids, None):
                 break
