@@ -5,19 +5,21 @@ loader adds the file and line. Formats are told apart by their keys, never by th
 share their key (ChatGLM3 ``conversations`` and ShareGPT's, GLM-4 ``messages`` and OpenAI's), and there
 the messages tell (:func:`candidate_formats`).
 
-A tool call, in every format, becomes what ChatGLM3's ``tool`` role gives: an assistant message whose
-metadata is the tool's name and whose content is the fenced ``tool_call(...)`` block, followed by the
-result as an observation. So the templates train every format's tool calls the same way.
+A tool call given as data (ChatGLM3's ``tool`` role, ShareGPT's ``function_call``, OpenAI's ``tool_calls``)
+becomes a :class:`glmport.toolcalls.ToolCallMessage` (the tool's name and its arguments), followed by the
+result as an observation; tools added without a system message become a
+:class:`glmport.toolcalls.ToolsDeclaration`. The template then writes them the way its family does, through
+:func:`glmport.toolcalls.family_message`, the same rendering ``glmport chat`` and ``glmport serve`` use.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import json
 
-from glmport.data.records import ROLES, TOOLS_PREAMBLE, Message, learned_by_default
+from glmport.data.records import ROLES, Message, learned_by_default
+from glmport.toolcalls import call_message, declare_tools, observation_message
 
 # Keys that identify a format, in the order detection tries them (a record holding the keys of two
 # formats is read as the first).
@@ -123,7 +125,7 @@ def _read_conversations(record: dict) -> Located:
     located: Located = []
     if record.get("tools") is not None:
         tools = _check_tools(record["tools"], "tools")
-        located.append((Message("system", TOOLS_PREAMBLE, tools=tools), "tools"))
+        located.append((declare_tools(tools), "tools"))
     for index, item in enumerate(items):
         field = f"conversations[{index}]"
         _typed(item, dict, field)
@@ -147,30 +149,19 @@ def _tool_call(item: dict, field: str) -> Located:
         raise RecordError(f"{field}: a tool message needs an 'observation' key (the tool's result)",
                           "add \"observation\": the value the tool returned")
     loss = _optional(item, "loss", bool, field)
-    call = Message("assistant", _python_call(parameters, f"{field}.parameters"), metadata=name, loss=loss)
-    observation = item["observation"]
-    text = observation if isinstance(observation, str) else json.dumps(observation, ensure_ascii=False)
+    call = _call(name, parameters, f"{field}.parameters", loss)
     # The result is the tool's, not the model's: never a target.
-    return [(call, field), (Message("observation", text, loss=False), field)]
+    observation = dataclasses.replace(observation_message(item["observation"]), loss=False)
+    return [(call, field), (observation, field)]
 
 
-def _python_call(parameters: dict, field: str) -> str:
-    """The fenced ``tool_call(k=v, ...)`` block ChatGLM3 writes for a tool call (PROMPT_en.md)."""
-    for key in parameters:
-        if not key.isidentifier():
+def _call(name: str, arguments: dict, field: str, loss: bool | None = None) -> Message:
+    """The call as data (:func:`glmport.toolcalls.call_message`); ``field`` names the arguments."""
+    for key in arguments:
+        if not key.isidentifier():  # the call's content is ChatGLM3's tool_call(name=value), whatever the family
             raise RecordError(f"{field}: parameter name {key!r} is not a Python identifier",
                               "tool parameters are rendered as tool_call(name=value); rename the parameter")
-    keywords = [ast.keyword(arg=key, value=_python_value(value)) for key, value in parameters.items()]
-    call = ast.Call(func=ast.Name(id="tool_call", ctx=ast.Load()), args=[], keywords=keywords)
-    return "```python\n" + ast.unparse(call) + "\n```"
-
-
-def _python_value(value) -> ast.expr:
-    if isinstance(value, list):
-        return ast.List(elts=[_python_value(v) for v in value], ctx=ast.Load())
-    if isinstance(value, dict):
-        return ast.Dict(keys=[ast.Constant(k) for k in value], values=[_python_value(v) for v in value.values()])
-    return ast.Constant(value)
+    return call_message(name, arguments, loss)
 
 
 def _read_messages(record: dict) -> Located:
@@ -422,19 +413,20 @@ def _call_message(call, field: str) -> Message:
             raise RecordError(f"{path}: not valid JSON ({exc.msg}, column {exc.colno})",
                               'write the arguments as a JSON object, or as one in a string: "{\\"city\\": \\"Paris\\"}"') from None
     _typed(arguments, dict, path)
-    return Message("assistant", _python_call(arguments, path), metadata=name)
+    return _call(name, arguments, path)
 
 
 def _with_tools(located: Located, tools: list | None) -> Located:
-    """Declare ``tools`` on the system message, or on a new one with ChatGLM3's preamble if there is none
-    (what a ChatGLM3 ``conversations`` record with record-level ``tools`` gives)."""
+    """Declare ``tools`` on the system message, or on a :class:`glmport.toolcalls.ToolsDeclaration` when there
+    is none or it is empty (as ``glmport serve`` declares a request's tools: :func:`glmport.toolcalls.declare_tools`)."""
     if tools is None:
         return located
     for index, (message, field) in enumerate(located):
         if message.role == "system":
-            located[index] = (dataclasses.replace(message, tools=tools), field)
+            declared = dataclasses.replace(message, tools=tools) if message.content else declare_tools(tools)
+            located[index] = (declared, field)
             return located
-    return [(Message("system", TOOLS_PREAMBLE, tools=tools), "tools"), *located]
+    return [(declare_tools(tools), "tools"), *located]
 
 
 def _pair_reader(prompt_key: str, answer_key: str):

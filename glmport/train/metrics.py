@@ -30,6 +30,11 @@ def _require():
     return jieba, Rouge, sentence_bleu, SmoothingFunction
 
 
+def require_metrics() -> None:
+    """Fail now, saying what to install, when the metric libraries are missing (before a model loads)."""
+    _require()
+
+
 def score_pair(prediction: str, reference: str, tools=None) -> dict[str, float]:
     jieba, Rouge, sentence_bleu, SmoothingFunction = tools or _require()
     pred_words = [w for w in jieba.cut(prediction.strip()) if w.strip()]
@@ -52,15 +57,26 @@ def score_texts(predictions: list[str], references: list[str]) -> dict[str, floa
     return {name: round(value / count, 4) for name, value in totals.items()}
 
 
+def decode_predictions(tokenizer, predictions, pad_token_id: int) -> list[str]:
+    """Generated ids (rows padded with -100 or the pad id) as the texts the metrics score; ``glmport eval``
+    decodes with this too, so that its numbers are training's."""
+    predictions = np.where(np.asarray(predictions) < 0, pad_token_id, predictions)
+    return tokenizer.batch_decode(predictions.tolist(), skip_special_tokens=True)
+
+
+def decode_references(tokenizer, references) -> list[str]:
+    """Reference ids (rows right-padded with -100) as texts, -100 dropped."""
+    rows = references.tolist() if hasattr(references, "tolist") else references
+    return [tokenizer.decode([t for t in row if t >= 0], skip_special_tokens=True) for row in rows]
+
+
 def make_compute_metrics(tokenizer, pad_token_id: int):
     """A ``compute_metrics`` for the Trainer: decodes generated ids and references, then scores them."""
     _require()
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
-        predictions, references = eval_prediction.predictions, eval_prediction.label_ids
-        predictions = np.where(predictions < 0, pad_token_id, predictions)
-        pred_texts = tokenizer.batch_decode(predictions.tolist(), skip_special_tokens=True)
-        ref_texts = [tokenizer.decode([t for t in row if t >= 0], skip_special_tokens=True) for row in references.tolist()]
+        pred_texts = decode_predictions(tokenizer, eval_prediction.predictions, pad_token_id)
+        ref_texts = decode_references(tokenizer, eval_prediction.label_ids)
         return score_texts(pred_texts, ref_texts)
 
     return compute_metrics
