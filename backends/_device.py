@@ -7,6 +7,7 @@ made with ``emulated=True`` and the emulator's settings, so no method re-reads `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import nullcontext
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from glmport.backends._emulation import EmulationSettings, make_device_namespace, reference_varlen_attention
 from glmport.backends._memory import host_memory_stats, reset_host_peak
 
-from glmport.backend import Backend, MemoryStats, launched_distributed
+from glmport.backend import Backend, MemoryStats
 
 
 class DeviceModuleBackend(Backend):
@@ -26,7 +27,10 @@ class DeviceModuleBackend(Backend):
         self._stand_in = None
 
     def emulation(self, knobs) -> DeviceModuleBackend:
-        return type(self)(emulated=True, settings=EmulationSettings.from_environ(knobs))
+        # the visible-devices mask is read when the twin is made, like the knobs (a launched worker's
+        # mask comes from its launcher)
+        mask = knobs.get(self.visible_devices_env, os.environ.get(self.visible_devices_env))
+        return type(self)(emulated=True, settings=EmulationSettings.from_environ(knobs, mask))
 
     @property
     def deepspeed_accelerator(self) -> str:
@@ -59,6 +63,16 @@ class DeviceModuleBackend(Backend):
 
     def set_device(self, local_rank: int = 0) -> None:
         self._module().set_device(local_rank % max(self.device_count(), 1))
+
+    def device_name(self, local_rank: int = 0) -> str:
+        """``mlu:1``: the device index this rank binds, also when emulated (where tensors stay on the host)."""
+        count = self.device_count()  # 0 where the device is not available (a dry run for another host)
+        name = f"{self.device_type}:{local_rank % count if count else local_rank}"
+        return f"{name} (emulated on the CPU)" if self.emulated else name
+
+    def process_group_backend(self) -> str:
+        # Emulated tensors live on the host: gloo moves them in place of the device's collective.
+        return "gloo" if self.emulated else self.collective_backend
 
     def synchronize(self) -> None:
         self._module().synchronize()
@@ -108,8 +122,19 @@ class DeviceModuleBackend(Backend):
 
     def training_arguments(self) -> dict[str, Any]:
         if self.emulated:  # tensors live on the CPU: gloo is the collective that can move them
-            return {"use_cpu": True, **({"ddp_backend": "gloo"} if launched_distributed() else {})}
+            return {"use_cpu": True, **super().training_arguments()}
         return super().training_arguments()
+
+    def deepspeed(self):
+        info = super().deepspeed()
+        if not self.emulated:
+            return info
+        # Emulated tensors are on the host, where accelerate does not hand DeepSpeed a job (see the cpu
+        # backend); off the CPU it would find the stand-in device module and ask for the vendor collective.
+        return dataclasses.replace(info, usable=False, note=(
+            f"DeepSpeed does not run on an emulated {self.device_type} (its tensors are on the host, where "
+            f"transformers cannot reach DeepSpeed): run it on a {self.device_type} host; --dry-run shows that "
+            "launch here"))
 
     def environment(self) -> dict[str, str]:
         if self.emulated:  # launched workers make the same emulated twin from these

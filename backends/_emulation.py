@@ -16,7 +16,12 @@ What is emulated:
 What is not: tensors stay on the CPU (``torch.device("mlu")`` is not made a valid device string; a pure
 Python device cannot hold a real model's storage), so placement reports ``cpu`` and the env report says
 "emulated". Knobs: ``GLMPORT_EMULATE_DEVICE_COUNT`` (default 1) and ``GLMPORT_EMULATE_BF16`` (default 1;
-0 emulates an MLU370, which has no bf16).
+0 emulates an MLU370, which has no bf16). The device's visible-devices variable masks the emulated devices
+as the driver masks real ones: ``MLU_VISIBLE_DEVICES=1`` on an emulated 2-device host leaves one device,
+and the list stops at the first id that does not exist.
+
+Several processes: each rank binds its own emulated device (``set_device(local_rank)``), and the collective
+the device declares (``cncl``) runs as gloo, since the tensors are on the host.
 
 When things happen: the environment is read once, when the plugin manager makes the emulated twin of a
 backend (:class:`EmulationSettings`). Probing and reporting change nothing in the process; the stand-in
@@ -50,20 +55,41 @@ CPU_KERNELS_NEEDING_INT64 = frozenset(
 
 @dataclass(frozen=True)
 class EmulationSettings:
-    """The emulator's knobs, read from the environment once, when an emulated backend is made."""
+    """The emulator's knobs, read from the environment once, when an emulated backend is made.
+    ``device_count`` is the emulated host's; ``visible`` the devices its visible-devices mask leaves
+    (``None``: no mask, all of them)."""
 
     device_count: int = 1
     bf16: bool = True
+    visible: tuple[int, ...] | None = None
 
     @classmethod
-    def from_environ(cls, environ=None) -> EmulationSettings:
+    def from_environ(cls, environ=None, mask: str | None = None) -> EmulationSettings:
         env = environ if environ is not None else os.environ
         try:
             count = max(int(env.get("GLMPORT_EMULATE_DEVICE_COUNT", "1")), 1)
         except ValueError:
             count = 1
         bf16 = env.get("GLMPORT_EMULATE_BF16", "1").strip().lower() not in {"0", "false", "no", "off"}
-        return cls(count, bf16)
+        return cls(count, bf16, _masked(mask, count))
+
+    @property
+    def visible_count(self) -> int:
+        return self.device_count if self.visible is None else len(self.visible)
+
+
+def _masked(mask: str | None, count: int) -> tuple[int, ...] | None:
+    """The devices a visible-devices value leaves, read like the drivers read it: up to the first entry
+    that is not an existing device id."""
+    if mask is None:
+        return None
+    visible: list[int] = []
+    for entry in mask.split(","):
+        entry = entry.strip()
+        if not entry.isdigit() or int(entry) >= count or int(entry) in visible:
+            break
+        visible.append(int(entry))
+    return tuple(visible)
 
 
 def _total_memory() -> int:
@@ -106,7 +132,7 @@ def make_device_namespace(device_type: str, settings: EmulationSettings) -> type
 
     ns = types.ModuleType(f"torch.{device_type}")
     state = {"current": 0}
-    count, bf16 = settings.device_count, settings.bf16
+    count, bf16 = settings.visible_count, settings.bf16
 
     def is_available() -> bool:
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from glmport.backends._memory import host_memory_stats, reset_host_peak
@@ -18,6 +19,7 @@ class CpuBackend(Backend):
     collective_backend = "gloo"
     visible_devices_env = None
     deepspeed_accelerator = "cpu"
+    one_process_per_device = False  # processes of a multi-process run share the host
 
     def availability(self) -> Availability:
         return Availability(True, "the host CPU is always available")
@@ -51,6 +53,19 @@ class CpuBackend(Backend):
 
     def training_arguments(self) -> dict[str, Any]:
         return {"use_cpu": True, **super().training_arguments()}
+
+    def deepspeed(self):
+        """DeepSpeed has a CPU accelerator, but the Trainer cannot use it: accelerate (1.x) gives DeepSpeed a job
+        only on an accelerator device. With ``use_cpu`` it trains without DeepSpeed, silently; without it, it
+        finds no device, sets up one process, and DeepSpeed's batch check fails ("train_batch_size is not
+        equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 2 * 1 * 2" for two processes)."""
+        info = super().deepspeed()
+        if not info.usable:
+            return info
+        return dataclasses.replace(info, usable=False, note=(
+            f"{info.distribution} {info.version} has a CPU accelerator, but transformers' Trainer reaches DeepSpeed "
+            "through accelerate, which runs DeepSpeed only on an accelerator device (on the CPU it would train "
+            "without DeepSpeed); train on cpu without training_args.deepspeed, or with it on cuda / mlu"))
 
 
 @hookimpl

@@ -81,6 +81,8 @@ class Backend:
         emulated: fixed when the object is made. An emulated backend is a separate object, made by
             :meth:`emulation` when ``GLMPORT_EMULATE`` (or ``glmport.emulate``) names it; nothing re-reads
             the environment afterwards.
+        one_process_per_device: a multi-process launch binds each process to a device of its own, so a node
+            runs at most :meth:`device_count` processes. The host CPU sets False: its processes share it.
     """
 
     name: str = ""
@@ -94,6 +96,7 @@ class Backend:
     deepspeed_min_version: str = "0.15.2"
     torchscript: bool = False
     emulated: bool = False
+    one_process_per_device: bool = True
 
     # --- emulation ---------------------------------------------------------------------------------
     def emulation(self, knobs: Mapping[str, str]) -> Backend | None:
@@ -211,17 +214,45 @@ class Backend:
         """Which DeepSpeed distribution serves this device and the ``DS_ACCELERATOR`` value to use."""
         return detect_deepspeed(self.deepspeed_distributions, self.deepspeed_accelerator, self.deepspeed_min_version)
 
+    def process_group_backend(self) -> str:
+        """The ``torch.distributed`` backend a process of a multi-process run initializes: the device's
+        :attr:`collective_backend`, unless the device is emulated on the host (then gloo moves the tensors,
+        and the emulator says so)."""
+        return self.collective_backend
+
     def training_arguments(self) -> dict[str, Any]:
         """Overrides for ``Seq2SeqTrainingArguments`` that put the Trainer (and accelerate under it) on
         this backend: device choice, and the collective backend when this process is one of several
         (accelerate treats any ``ddp_backend`` as a request for a process group). The user's YAML cannot
         override these."""
-        return {"ddp_backend": self.collective_backend} if launched_distributed() else {}
+        return {"ddp_backend": self.process_group_backend()} if launched_distributed() else {}
+
+    def deepspeed_training_arguments(self) -> dict[str, Any]:
+        """The same overrides when DeepSpeed runs the job (``training_args.deepspeed``). DeepSpeed chooses
+        the device itself (``DS_ACCELERATOR``) and accelerate hands DeepSpeed the job only when it is not
+        told to use the CPU, so the default drops ``use_cpu``."""
+        return {key: value for key, value in self.training_arguments().items() if key != "use_cpu"}
 
     def environment(self) -> dict[str, str]:
         """Environment variables the training process needs on this backend (set before the model
         loads, and exported to launched workers)."""
         return {}
+
+    # --- launching several processes ---------------------------------------------------------------
+    def device_name(self, local_rank: int = 0) -> str:
+        """Where process ``local_rank`` of a node runs, for people: ``cuda:1``, ``mlu:0``, ``cpu``."""
+        return str(self.device(local_rank))
+
+    def launch_environment(self, visible: list[str] | None = None) -> dict[str, str]:
+        """The environment a launcher gives every process of a node: :meth:`environment`, plus the
+        visible-devices variable set to ``visible`` (device ids as the variable takes them) when given."""
+        env = dict(self.environment())
+        if visible is not None:
+            if not self.visible_devices_env:
+                raise ValueError(f"backend {self.name} has no visible-devices variable: it cannot be given a "
+                                 "list of devices")
+            env[self.visible_devices_env] = ",".join(visible)
+        return env
 
     # --- reporting ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

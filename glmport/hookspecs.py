@@ -79,12 +79,14 @@ def glmport_trainer_callbacks(run: TrainingRun) -> list[Any] | None:
     """Return ``transformers.TrainerCallback`` instances to add to the trainer of ``run``.
 
     Called once the trainer is built (model, data and training arguments resolved), before training starts.
+    In a multi-process run it is called in every rank (``run.ranks`` says which one), each with its trainer.
     """
 
 
 @hookspec
 def glmport_before_train(run: TrainingRun) -> None:
-    """Called once the trainer is ready, right before the first training step (or the resumed one)."""
+    """Called once the trainer is ready, right before the first training step (or the resumed one). In a
+    multi-process run it is called in every rank (``run.ranks``)."""
 
 
 @hookspec
@@ -92,4 +94,5 @@ def glmport_after_train(run: TrainingRun, summary: dict[str, Any]) -> None:
     """Called after training finished and the final result was saved.
 
     ``summary`` is what ``run_summary.json`` in the output folder holds: steps, losses, timings, paths.
+    In a multi-process run it is called in rank 0 only, which writes the summary.
     """

@@ -1,4 +1,3 @@
 #!/usr/bin/env bash
-IMAGE=${IMAGE:-glmport:cpu} BACKEND=cpu
-DEVICE_ARGS=()
-source "$(dirname "$0")/../launch-common.sh"
+# The cpu container: docker/launch.sh --backend cpu [OPTIONS] [COMMAND [ARGS...]] (see docker/launch.sh).
+exec "$(dirname "$0")/../launch.sh" --backend cpu "$@"

@@ -18,6 +18,7 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenize
 GENERAL_ENV = (
     "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "OMP_NUM_THREADS",
     "TORCH_DEVICE_BACKEND_AUTOLOAD", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
     "GLMPORT_UPSTREAM_DIR",
 )
 
@@ -60,6 +61,8 @@ def cmd_backends(args, manager) -> int:
     for r in rows:
         ds = r["deepspeed"]
         ds_text = f"{ds['distribution']} {ds['version']}" if ds["installed"] else "not installed"
+        if ds["installed"] and not ds["usable"]:
+            ds_text += " (cannot run, see below)"
         body.append([
             r["name"], ("yes (emulated)" if r["emulated"] else "yes") if r["available"] else "no",
             r["device_count"], r["collective_backend"], r["visible_devices_env"], ds_text, r["plugin"],
@@ -70,6 +73,8 @@ def cmd_backends(args, manager) -> int:
         print(f"  {r['name']}: {r['reason']}")
         if not r["available"] and r["install_hint"]:
             print(f"      -> {r['install_hint']}")
+        if r["deepspeed"]["installed"] and not r["deepspeed"]["usable"]:
+            print(f"      DeepSpeed: {r['deepspeed']['note']}")
     print()
     print(f"Selected: {selection.backend.name} ({selection.how})" if selection else f"Selected: none ({error})")
     return 0
@@ -107,7 +112,9 @@ def collect_env(manager, requested) -> dict:
             "emulated": backend.emulated if backend else False,
             "device_count": backend.device_count() if backend else 0,
             "collective_backend": backend.collective_backend if backend else None,
-            "deepspeed": ds.as_dict(),
+            # what a multi-process run initializes (gloo for an emulated device)
+            "process_group_backend": backend.process_group_backend() if backend else None,
+            "deepspeed": {**ds.as_dict(), "summary": ds.describe()},
         },
         "environment": env,
         "plugins": manager.env_reports(backend),
@@ -126,8 +133,11 @@ def cmd_env(args, manager) -> int:
     print(f"  selected: {b['selected'] or 'none'}{' (emulated)' if b['emulated'] else ''}")
     print(f"  why:      {b['why']}")
     if b["selected"]:
-        print(f"  devices:  {b['device_count']}    collective: {b['collective_backend']}")
-    print(f"  deepspeed: {b['deepspeed']['note']}")
+        collective = b["collective_backend"]
+        if b["process_group_backend"] != collective:
+            collective += f" (run as {b['process_group_backend']} by the emulator)"
+        print(f"  devices:  {b['device_count']}    collective: {collective}")
+    print(f"  deepspeed: {b['deepspeed']['summary']}")
     print("\nEnvironment")
     print(table(["VARIABLE", "VALUE"], [[k, v if v is not None else "(unset)"] for k, v in data["environment"].items()]))
     for plugin, report in data["plugins"].items():

@@ -46,7 +46,12 @@ def training_arguments(run: TrainingRun, *, has_eval: bool, generation: Generati
     # glmport turns checkpointing on itself and checks that it took (the 2024 remote code ignores the call)
     args.pop("gradient_checkpointing", None)
     args.pop("activation_checkpointing", None)
-    args.update(backend.training_arguments())
+    if run.ranks.distributed:
+        # The loss reaches every trainable parameter (glmport.train.loss computes it inside the wrapped forward),
+        # so DDP need not search the graph for unused ones each step; a model that has some can say so.
+        args.setdefault("ddp_find_unused_parameters", False)
+    # the backend puts the Trainer on its device; under DeepSpeed, DeepSpeed does (DS_ACCELERATOR)
+    args.update(backend.deepspeed_training_arguments() if args.get("deepspeed") else backend.training_arguments())
     try:
         built = Seq2SeqTrainingArguments(**args)
     except (ValueError, TypeError) as exc:

@@ -24,7 +24,10 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressCallback(TrainerCallback):
-    """One line per logging step: step, loss, learning rate, tokens/s, ETA. Eval results get a line too."""
+    """One line per logging step: step, loss, learning rate, tokens/s, ETA. Eval results get a line too.
+
+    Printed by rank 0 only (the loss the Trainer logs is already the mean over ranks); tokens/s is rank 0's
+    rate times the number of processes, an estimate: the summary has the measured total."""
 
     def __init__(self, trainer, stream=None):
         self.trainer = trainer
@@ -37,15 +40,17 @@ class ProgressCallback(TrainerCallback):
         self.start = time.monotonic()
         self.start_step = state.global_step
         self.start_tokens = self.trainer.tokens_seen
-        if state.global_step:
+        if state.global_step and state.is_world_process_zero:
             self._print(f"resumed at step {state.global_step}/{state.max_steps}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if not state.is_world_process_zero:
+            return
         if "loss" in logs:
             elapsed = max(time.monotonic() - self.start, 1e-9)
             done = state.global_step - self.start_step
-            rate = (self.trainer.tokens_seen - self.start_tokens) / elapsed
+            rate = (self.trainer.tokens_seen - self.start_tokens) / elapsed * max(args.world_size, 1)
             eta = (state.max_steps - state.global_step) * elapsed / max(done, 1)
             lr = logs.get("learning_rate")
             # transformers' NaN filter logs a stand-in value for a NaN/inf step; say what really happened

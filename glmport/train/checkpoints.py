@@ -47,6 +47,8 @@ IDENTITY_TRAINING_ARGS = (
 )
 # differences that no --force-resume can bridge: the checkpoint's weights would not fit the model
 INCOMPATIBLE = ("method", "peft_config", "model config.json")
+# what a setting was before it was recorded (manifests written before multi-process runs have no "processes")
+SETTING_DEFAULTS = {"processes": 1}
 _CHUNK = 8 * 2**20
 
 
@@ -77,8 +79,10 @@ class Fingerprint:
         changed = []
         old_settings, old_hashes = recorded.get("settings", {}), recorded.get("hashes", {})
         for key in sorted(set(old_settings) | set(self.settings)):
-            if old_settings.get(key) != self.settings.get(key):
-                changed.append((key, f"{key}: {old_settings.get(key)!r} -> {self.settings.get(key)!r}"))
+            before = old_settings.get(key, SETTING_DEFAULTS.get(key))
+            now = self.settings.get(key, SETTING_DEFAULTS.get(key))
+            if before != now:
+                changed.append((key, f"{key}: {before!r} -> {now!r}"))
         for key in sorted(set(old_hashes) | set(self.hashes)):
             if old_hashes.get(key) != self.hashes.get(key):
                 changed.append((key, f"{key}: content changed (sha256 {str(old_hashes.get(key))[:12]} -> "
@@ -86,10 +90,13 @@ class Fingerprint:
         return changed
 
 
-def fingerprint(config) -> Fingerprint:
-    """The fingerprint of a run from its resolved config (a :class:`glmport.config.RunConfig`)."""
+def fingerprint(config, processes: int = 1) -> Fingerprint:
+    """The fingerprint of a run from its resolved config (a :class:`glmport.config.RunConfig`). ``processes``
+    (the world size) is part of it: with the per-device batch size it makes the global batch, and it decides
+    which samples each step saw."""
     args = config.training_args
     settings = {
+        "processes": processes,
         "method": config.method,
         "peft_config": config.peft_config,
         "max_input_length": config.max_input_length,
@@ -216,10 +223,12 @@ class RunIdentity:
     backend: str = ""
     dtype: str = ""
     emulated: bool = False
+    processes: int = 1
 
     def history(self, step: int) -> list[dict]:
         earlier = list((self.resumed or {}).get("history") or [])
         if step > self.start_step:
             earlier.append({"from_step": self.start_step, "to_step": step, "backend": self.backend,
-                            "dtype": self.dtype, "emulated": self.emulated})
+                            "dtype": self.dtype, "emulated": self.emulated,
+                            **({"processes": self.processes} if self.processes > 1 else {})})
         return earlier

@@ -87,8 +87,9 @@ def _eval_rows(result, template, max_in: int, max_out: int, cap: int | None, sta
     return rows
 
 
-def build_datasets(run_config, template, output_dir: Path, records: dict) -> Datasets:
-    """Tokenize every split already read by :func:`glmport.data.loader.load_conversations`."""
+def build_datasets(run_config, template, output_dir: Path | None, records: dict) -> Datasets:
+    """Tokenize every split already read by :func:`glmport.data.loader.load_conversations`. Skipped records
+    are reported in ``output_dir`` (``None``: not written, as on the ranks other than 0)."""
     settings = run_config.glmport
     stats: dict[str, SplitStats] = {}
     skipped_results = []
@@ -109,7 +110,7 @@ def build_datasets(run_config, template, output_dir: Path, records: dict) -> Dat
             skipped_results.append(result)
         splits[split] = Dataset.from_list(rows) if rows else None
 
-    report = write_skip_report(skipped_results, output_dir) if skipped_results else None
+    report = write_skip_report(skipped_results, output_dir) if skipped_results and output_dir is not None else None
     train_stats = stats["train"]
     if train_stats.trimmed_samples:
         log.warning(

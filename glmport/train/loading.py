@@ -8,7 +8,6 @@ the method's new ones (LoRA matrices, prefix encoders).
 from __future__ import annotations
 
 import logging
-import os
 
 from glmport.data.loader import LoadResult
 from glmport.data.templates import Detection, detect_family, get_template
@@ -26,7 +25,7 @@ def load_base_model(run: TrainingRun, patch_sets) -> None:
     """Seed, place and load the model in the dtype the backend and family call for; sets ``run.loaded``
     and ``run.template``. ``patch_sets`` is the plugin manager's registry of patch sets."""
     config, backend = run.config, run.backend
-    backend.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend.set_device(run.ranks.local_rank)
     backend.seed(int(config.glmport.seed if config.glmport.seed is not None else config.training_args.get("seed", 42)))
     info = inspect_model_dir(config.model_dir.resolve(), config.glmport.model_family)
     dtype, note = resolve_dtype(config.glmport.dtype, backend, info.family, config.method)
@@ -38,6 +37,11 @@ def load_base_model(run: TrainingRun, patch_sets) -> None:
     def detect(tokenizer) -> None:  # before the weights load: a tokenizer of another generation stops here
         detected.append(detect_family(tokenizer, info.config, template=config.glmport.template,
                                       model_family=config.glmport.model_family, template_key="glmport.template"))
+        if detected[0].family != info.family and info.family_from.startswith("remote code"):
+            raise ModelError(f"{info.path}: the model's code and its tokenizer are of different generations", [
+                Problem("modeling_chatglm.py", f"{info.family_from}: {info.family} code"),
+                Problem("tokenizer", f"{'; '.join(detected[0].evidence)}: a {detected[0].family} tokenizer",
+                        "put the tokenizer files of the same model download next to its code")])
         if detected[0].family != info.family:  # only when config.json did not say (info.family_from == "guess")
             raise ModelError(f"{info.path}: config.json does not tell the model family; its tokenizer does", [Problem(
                 "glmport.model_family", f"{'; '.join(detected[0].evidence)}: a {detected[0].family} tokenizer, but "
@@ -55,7 +59,7 @@ def load_base_model(run: TrainingRun, patch_sets) -> None:
 
 def build_data(run: TrainingRun, records: dict[str, LoadResult], has_eval: bool) -> None:
     """Tokenize the splits read by :func:`glmport.train.inputs.read_records`; sets ``run.datasets``."""
-    run.datasets = build_datasets(run.config, run.template, run.output_dir, records)
+    run.datasets = build_datasets(run.config, run.template, run.output_dir if run.ranks.is_main else None, records)
     if run.datasets.train is None:
         raise GlmportError(f"{run.config.data_path('train')}: no training samples")
     if not has_eval:

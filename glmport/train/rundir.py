@@ -138,6 +138,7 @@ class RunRecord:
             "model_dir": str(run.config.model_dir.resolve()) if run.config.model_dir else None,
             "method": run.method,
             "backend": env["run_backend"],
+            "processes": run.ranks.world_size,
             "resume": {"argument": request.resume, "from": str(run.resume_from) if run.resume_from else None},
             "notes": list(run.notes),
             "model": None,

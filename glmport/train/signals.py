@@ -11,7 +11,12 @@ Clusters preempt jobs with SIGTERM and people press Ctrl-C. While the Trainer tr
 Outside training (loading, evaluation after the last step, publishing) the command line's own handling
 applies: the run unwinds at once and publishes nothing.
 
-Several processes (the scale-out issue) must agree on the stop step; that belongs with the launcher.
+Several processes stop at the same step: a launcher forwards the signal to each of them, and they do not
+get it at the same moment. At every step end the ranks share whether any of them was signalled (and
+whether any saw the loss diverge: one collective for both), so all of them stop after the same step and
+save that step's checkpoint together. Without it one rank would leave the loop while the others wait for
+it in the next step's gradient reduction. Each rank counts only the signals it received itself: the
+launcher's copy that reaches a rank after the ranks agreed to stop is its first, not a second that aborts.
 """
 
 from __future__ import annotations
@@ -27,11 +32,17 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
 class GracefulStop(TrainerCallback):
-    """Installed around ``trainer.train()`` (a context manager) and added to the trainer as a callback."""
+    """Installed around ``trainer.train()`` (a context manager) and added to the trainer as a callback.
 
-    def __init__(self) -> None:
-        self.requested: str | None = None  # the signal's name, once one arrived during training
+    ``ranks`` (:class:`glmport.train.ranks.Ranks`) are the run's processes; ``trainer`` (optional) is asked
+    whether this rank saw the loss diverge, so that every rank stops at the step where one did."""
+
+    def __init__(self, ranks=None, trainer=None) -> None:
+        self.requested: str | None = None  # the name of the signal this process received during training
+        self.reason: str | None = None  # why the run stops: this process's signal, or another rank's
         self.stopped_at: int | None = None
+        self.ranks = ranks
+        self.trainer = trainer
         self._previous: dict[int, object] = {}
 
     # --- the signal handlers, installed for the duration of training ---------------------------------
@@ -57,14 +68,29 @@ class GracefulStop(TrainerCallback):
 
     # --- the trainer side: stop at the next step boundary, with a checkpoint -------------------------
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested is not None and self.stopped_at is None:
+        # Read once: a signal may arrive while the ranks agree, and then waits for the next step end here,
+        # as it does on the ranks that contributed before it came (deciding on it now would split the ranks).
+        signalled = self.requested is not None
+        if self.ranks is not None and self.ranks.distributed:
+            signalled = self._agree(args, state, control, signalled)
+        if signalled and self.stopped_at is None:
+            self.reason = self.requested or "a signal to another rank"
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
         return control
 
+    def _agree(self, args, state, control, signalled: bool) -> bool:
+        """Whether any rank was signalled, and (same collective) whether any saw the loss diverge."""
+        diverged = self.trainer is not None and self.trainer.first_nonfinite_step is not None
+        signalled_anywhere, diverged_anywhere = self.ranks.any_of([signalled, diverged], args.device)
+        if diverged_anywhere and not diverged:
+            self.trainer.first_nonfinite_step = state.global_step  # stop here too, save nothing of it
+            control.should_training_stop = True
+        return signalled_anywhere
+
     def raise_if_stopped(self, resume_flag: str) -> None:
         """After ``train()``: a run stopped by a signal publishes nothing and says how to go on."""
         if self.stopped_at is not None:
-            raise Interrupted(f"stopped by {self.requested} after step {self.stopped_at}: checkpoint-{self.stopped_at} "
+            raise Interrupted(f"stopped by {self.reason} after step {self.stopped_at}: checkpoint-{self.stopped_at} "
                               f"is complete; continue with {resume_flag} yes")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from glmport.train.ranks import Ranks
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
@@ -54,6 +56,7 @@ class TrainingRun:
     model: torch.nn.Module | None = None  # the model being trained (peft-wrapped for LoRA / prefix tuning)
     trainer: GlmTrainer | None = None
     trained_steps: int = 0  # optimizer steps this process trained (0: a finished checkpoint was published)
+    ranks: Ranks = field(default_factory=Ranks)  # this process among the run's processes (one by default)
 
     @property
     def backend(self) -> Backend:

@@ -13,8 +13,36 @@ from glmport.train.plot import write_loss_plot
 from glmport.train.state import TrainingRun
 
 
+def merge_ranks(run: TrainingRun) -> int:
+    """Every rank's counters into this one's (tokens seen, label tokens, the 64-bit guard's checks and leaks),
+    so that rank 0 summarizes the whole run; returns the highest peak memory of any rank's device."""
+    trainer = run.trainer
+    peak = run.backend.memory_stats().peak
+    if not run.ranks.distributed:
+        return peak
+    guard = trainer.guard_report
+    parts = run.ranks.gather((trainer.tokens_seen, trainer.label_tokens_seen, guard.ops_checked, guard.leaks, peak))
+    trainer.tokens_seen = sum(part[0] for part in parts)
+    trainer.label_tokens_seen = sum(part[1] for part in parts)
+    guard.ops_checked = sum(part[2] for part in parts)
+    known = set()
+    guard.leaks = [leak for part in parts for leak in part[3]
+                   if (leak.op, leak.site) not in known and not known.add((leak.op, leak.site))]
+    return max(part[4] for part in parts)
+
+
 def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: Path | None) -> dict:
-    """Plot the loss, write ``run_summary.json``, print the summary block; returns what the file holds."""
+    """Plot the loss, write ``run_summary.json``, print the summary block; returns what the file holds.
+    Called on every rank (they pool their counters); rank 0 writes and prints, and every rank returns it."""
+    peak = merge_ranks(run)
+    summary = None
+    with run.ranks.agree():
+        if run.ranks.is_main:
+            summary = _summarize(run, started, result_dir, predictions, peak)
+    return run.ranks.share(summary)
+
+
+def _summarize(run: TrainingRun, started: float, result_dir: Path, predictions: Path | None, peak: int) -> dict:
     trainer = run.trainer
     history = trainer.state.log_history
     losses = [e["loss"] for e in history if "loss" in e]
@@ -26,7 +54,6 @@ def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: P
         title = f"glmport {run.config.method} - {run.loaded.info.path.name} on {run.backend.name}"
         with _faults(run, LOSS_PLOT):
             plot = write_loss_plot(history, run.output_dir / LOSS_PLOT, title)
-    memory = run.backend.memory_stats()
     stats = {split: vars(s) for split, s in run.datasets.stats.items()}
     guard = trainer.guard_report
     summary = {
@@ -37,6 +64,7 @@ def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: P
         "backend": run.backend.name,
         "backend_how": run.selection.how,
         "emulated": run.backend.emulated,
+        "processes": run.ranks.world_size,
         "dtype": str(run.loaded.dtype).replace("torch.", ""),
         "patches": run.loaded.patches.summary() if run.loaded.patches else None,
         "steps": trainer.state.global_step,
@@ -48,10 +76,10 @@ def summarize(run: TrainingRun, started: float, result_dir: Path, predictions: P
         "last_loss": losses[-1] if losses else None,
         "eval": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {},
         "train_runtime_s": runtime,
-        "tokens_per_second": trainer.tokens_seen / runtime if runtime else None,  # this process's steps
+        "tokens_per_second": trainer.tokens_seen / runtime if runtime else None,  # of this run's steps, all ranks
         "tokens_seen": trainer.tokens_seen,
         "label_tokens_seen": trainer.label_tokens_seen,
-        "peak_memory_bytes": memory.peak,
+        "peak_memory_bytes": peak,  # the highest of any rank's device
         "guard_64bit": {"mode": run.guard_mode, "ops_checked": guard.ops_checked,
                         "leaks": [str(leak) for leak in guard.leaks]},
         "data": stats,
@@ -81,6 +109,8 @@ def render_summary(s: dict) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
     backend = s["backend"] + (" (emulated)" if s["emulated"] else "")
+    if s.get("processes", 1) > 1:
+        backend += f" x {s['processes']} processes"
     lines = [
         "",
         "=" * 72,
@@ -98,7 +128,8 @@ def render_summary(s: dict) -> str:
     if len({(h["backend"], h["dtype"]) for h in s["history"]}) > 1 or (s["resumed_from"] and s["history"]):
         lines.append("  trained    " + "; ".join(
             f"steps {h['from_step']}-{h['to_step']} on {h['backend']}{' (emulated)' if h['emulated'] else ''} "
-            f"{h['dtype']}" for h in s["history"]))
+            f"{h['dtype']}" + (f" x {h['processes']} processes" if h.get("processes", 1) > 1 else "")
+            for h in s["history"]))
     guard = s["guard_64bit"]
     if guard["mode"]:
         how = "stops at the first leak" if guard["mode"] == "error" else "lists every leak"

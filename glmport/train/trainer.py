@@ -7,7 +7,9 @@ What it changes, and why:
 * the loss is computed here (:mod:`glmport.train.loss`) instead of by the model, normalized over all
   label tokens of the accumulated batch;
 * evaluation computes the eval loss on the full sequence and generates from the left-padded prompt;
-* checkpoints are marked complete only after every file is written (see :mod:`glmport.train.resume`);
+* checkpoints are marked complete only after every file is written, by every rank (DeepSpeed ZeRO writes
+  per-rank shards, and each rank its RNG state): rank 0 writes the manifest after all ranks are done (see
+  :mod:`glmport.train.resume`);
 * a step whose loss is NaN/inf stops the run, and :meth:`GlmTrainer.raise_if_diverged` keeps it from
   publishing anything.
 
@@ -24,6 +26,7 @@ import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer_callback import PrinterCallback
 
+from glmport.data.packing import training_collator
 from glmport.errors import TrainingDiverged
 from glmport.guard import GuardReport, sixty_four_bit_guard
 from glmport.train.arguments import generation_config, training_arguments
@@ -35,15 +38,17 @@ from glmport.train.guarded import guarded_forward
 from glmport.train.loss import model_loss_sum
 from glmport.train.metrics import make_compute_metrics
 from glmport.train.outputs import CHECKPOINT_MARKER, METRICS_FILE, WRITING_MARKER, checkpoint_name
+from glmport.train.ranks import Ranks
 from glmport.train.state import TrainingRun
 
 GEN_KEYS = ("gen_input_ids", "gen_attention_mask", "gen_output_ids")
 
 
 class GlmTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, backend, guard_mode: str | None, **kwargs):
+    def __init__(self, *args, backend, guard_mode: str | None, ranks: Ranks | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
+        self.ranks = ranks or Ranks()
         self.guard_mode = guard_mode  # None: off; "error" or "report"
         self.guard_report = GuardReport()
         self.tokens_seen = 0
@@ -160,16 +165,27 @@ class GlmTrainer(Seq2SeqTrainer):
         folder = Path(self._get_output_dir(trial=trial)) / checkpoint_name(self.state.global_step)
         # A failed write (full disk, read-only remount) is one clear error; the folder keeps its writing
         # marker and gets no manifest, so nothing takes it for complete (a resume renames it .incomplete).
-        with write_faults(folder.name, folder, folder.parent, resume_flag=self.resume_flag,
-                          left=f"{folder.name} is incomplete: a resumed run renames it {folder.name}.incomplete"):
-            self._save_marked_checkpoint(model, trial, folder)
+        # A write that fails on one rank stops every rank (agree), instead of leaving them at the barrier.
+        def faults():
+            return write_faults(folder.name, folder, folder.parent, resume_flag=self.resume_flag,
+                                left=f"{folder.name} is incomplete: a resumed run renames it {folder.name}.incomplete")
 
-    def _save_marked_checkpoint(self, model, trial, folder: Path) -> None:
-        writing = folder / WRITING_MARKER
+        limit = self.args.save_total_limit
+        with self.ranks.agree(), faults():
+            self._write_checkpoint(model, trial, folder)
+        with self.ranks.agree(), faults():  # after every rank wrote its part (ZeRO shards, RNG states)
+            if self.args.should_save and folder.is_dir():
+                write_manifest(folder, self.state.global_step, run_fingerprint=self.identity.fingerprint,
+                               history=self.identity.history(self.state.global_step))
+                (folder / WRITING_MARKER).unlink(missing_ok=True)
+                best = self.state.best_model_checkpoint
+                rotate(folder.parent, limit, keep=Path(best) if best else None)
+
+    def _write_checkpoint(self, model, trial, folder: Path) -> None:
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / CHECKPOINT_MARKER).unlink(missing_ok=True)
-            writing.touch()
+            (folder / WRITING_MARKER).touch()
         # The Trainer deletes old checkpoints (save_total_limit) at the end of its save, before this one
         # is marked complete: a crash in between would leave no complete checkpoint. Rotate afterwards.
         limit, self.args.save_total_limit = self.args.save_total_limit, None
@@ -177,13 +193,6 @@ class GlmTrainer(Seq2SeqTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        if self.args.should_save and folder.is_dir():
-            self.accelerator.wait_for_everyone()  # every rank has written its part
-            write_manifest(folder, self.state.global_step, run_fingerprint=self.identity.fingerprint,
-                           history=self.identity.history(self.state.global_step))
-            writing.unlink(missing_ok=True)
-            best = self.state.best_model_checkpoint
-            rotate(folder.parent, limit, keep=Path(best) if best else None)
 
 
 def build_trainer(run: TrainingRun, manager) -> GlmTrainer:
@@ -195,11 +204,12 @@ def build_trainer(run: TrainingRun, manager) -> GlmTrainer:
         args=args,
         train_dataset=run.datasets.train,
         eval_dataset=run.datasets.eval,
-        data_collator=Collator(run.template.pad_token_id),
+        data_collator=training_collator(run, Collator(run.template.pad_token_id)),
         processing_class=run.loaded.tokenizer,
         compute_metrics=make_compute_metrics(run.loaded.tokenizer, run.template.pad_token_id) if generates else None,
         backend=run.backend,
         guard_mode=run.guard_mode,
+        ranks=run.ranks,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints lines
     trainer.add_callback(ProgressCallback(trainer))

@@ -46,7 +46,7 @@ def train(run: TrainingRun, trainer, *, resume_step: int) -> int:
                          f"{planned}; published it without training")
         log.info(run.notes[-1])
         return 0
-    stop = GracefulStop()
+    stop = GracefulStop(run.ranks, trainer)
     trainer.add_callback(stop)
     with stop:
         trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
