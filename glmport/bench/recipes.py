@@ -1,0 +1,61 @@
+"""The reference recipe, glmport's, and the steps between them, one knob at a time.
+
+The reference is what ChatGLM3's ``finetune_hf.py`` does with transformers and peft: micro-batches of 4
+samples padded to the longest (``DataCollatorForSeq2Seq(padding="longest")``), gradient accumulation up to
+the samples per step, gradient checkpointing on, and the remote code's loss: every logit of the batch in
+fp32, a shifted contiguous copy, cross-entropy over it. Each later recipe changes one thing from the one
+before, so ``--recipe all`` shows what each optimization buys; the last is glmport's default.
+
+Every recipe trains the same samples in the same order, the same number of samples per optimizer step,
+with the loss normalized per label token of the step, so their losses are comparable step by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    change: str  # what this recipe changes from the one before it
+    micro_batch: int | None  # samples per micro-batch (None: all samples of the step in one micro-batch)
+    collator: str  # "seq2seq" (DataCollatorForSeq2Seq, padding longest), "glmport" (padded), "packed"
+    checkpointing: bool
+    loss: str  # "full-vocab" (the remote code's) or "label-rows" (glmport.train.loss)
+
+
+REFERENCE = Recipe("reference", "finetune_hf.py: batches of 4, padding longest, checkpointing, fp32 full-vocabulary loss",
+                   4, "seq2seq", True, "full-vocab")
+
+STEPS = (
+    ("no-checkpointing", "gradient checkpointing off", {"checkpointing": False}),
+    ("label-rows", "loss on label rows only, fp32 in chunks (no full-vocabulary logits)", {"loss": "label-rows"}),
+    ("one-microbatch", "all samples of the step in one micro-batch (glmport's collator)",
+     {"micro_batch": None, "collator": "glmport"}),
+    ("packed", "padding-free packed rows (positions restart, block-diagonal attention)", {"collator": "packed"}),
+)
+
+
+def ladder(packing: bool = True) -> list[Recipe]:
+    """The reference, then each step; with ``packing`` False the packed step is left out."""
+    recipes = [REFERENCE]
+    for name, change, knobs in STEPS:
+        if name == "packed" and not packing:
+            continue
+        recipes.append(replace(recipes[-1], name=name, change=change, **knobs))
+    return recipes
+
+
+def glmport_recipe(packing: bool = True) -> Recipe:
+    """glmport's default: the last rung of the ladder."""
+    return replace(ladder(packing)[-1], name="glmport", change="glmport's defaults")
+
+
+def select(which: str, packing: bool) -> list[Recipe]:
+    """``--recipe`` glmport | reference | all."""
+    if which == "glmport":
+        return [glmport_recipe(packing)]
+    if which == "reference":
+        return [REFERENCE, glmport_recipe(packing)]
+    return ladder(packing)
