@@ -27,7 +27,8 @@ INTERNAL_ERROR = 1  # EXIT_CODES[1]: any exception that is not a GlmportError is
 REPORT_LINE = ("glmport: internal error (a bug in glmport or in a plugin): please report it with the command you "
                "ran, the traceback above and the output of `glmport env`")
 
-COMMAND_MODULES = ("info", "train", "data", "init_model", "patch", "infer")
+COMMAND_MODULES = ("info", "train", "data", "init_model", "patch", "infer", "chat", "eval", "job", "export", "serve",
+                   "convert", "bench")
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -44,6 +45,8 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--disable-plugin-autoload", action="store_true", default=argparse.SUPPRESS if suppress else False,
         help="do not load plugins from the `glmport` entry-point group (also GLMPORT_DISABLE_PLUGIN_AUTOLOAD=1)",
     )
+    # The DeepSpeed launcher starts `python -m glmport --local_rank=N ...`; the rank is read from LOCAL_RANK.
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=default, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
