@@ -362,24 +362,9 @@ def _rotate_index(q, k, cos, sin, position_id):
 
 
 def no_torchscript(ctx) -> None:
-    import torch
-    from glmport.patches.torchscript import FLAG_SETTERS
+    from glmport.patches.torchscript import leave_fusers_off
 
-    C = torch._C
-    current = {
-        "jit_profiling_mode": C._jit_set_profiling_mode(ctx.state["jit_profiling_mode"]),
-        "jit_profiling_executor": C._jit_set_profiling_executor(ctx.state["jit_profiling_executor"]),
-        "jit_fuse_cpu": C._jit_can_fuse_on_cpu(),
-        "jit_fuse_gpu": C._jit_can_fuse_on_gpu(),
-    }
-    C._jit_override_can_fuse_on_cpu(ctx.state["jit_fuse_cpu"])
-    C._jit_override_can_fuse_on_gpu(ctx.state["jit_fuse_gpu"])
-
-    def restore_module_flags():
-        for key, setter in FLAG_SETTERS.items():
-            getattr(C, setter)(current[key])
-
-    ctx.recorder.on_undo(restore_module_flags, "TorchScript fuser flags")
+    leave_fusers_off(ctx)
     ctx.replace("apply_rotary_pos_emb_index", _rotate_index)
     ctx.replace("gelu_impl", _gelu)
 

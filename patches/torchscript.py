@@ -53,6 +53,15 @@ def _rotate(pairs, cache, untouched, torch):
 
 
 def apply(ctx) -> None:
+    leave_fusers_off(ctx)
+    rotate = rotate_seq_first if ctx.module_family in SEQUENCE_FIRST else rotate_batch_first
+    ctx.replace("apply_rotary_pos_emb", rotate)
+
+
+def leave_fusers_off(ctx) -> None:
+    """Put back the fuser flags from before the remote module's import (``ctx.state``: the module's own
+    top-level ``torch._C._jit_*`` calls changed them for the whole process) and restore the module's
+    setting on undo. Shared by every family's no-torchscript patch."""
     import torch
 
     C = torch._C
@@ -70,8 +79,6 @@ def apply(ctx) -> None:
             getattr(C, setter)(current[key])
 
     ctx.recorder.on_undo(restore_module_flags, "TorchScript fuser flags")
-    rotate = rotate_seq_first if ctx.module_family in SEQUENCE_FIRST else rotate_batch_first
-    ctx.replace("apply_rotary_pos_emb", rotate)
 
 
 def patch(family: str, *, requires, modes=("infer", "train")) -> Patch:
