@@ -131,7 +131,8 @@ class DeviceModuleBackend(Backend):
             return info
         # Emulated tensors are on the host, where accelerate does not hand DeepSpeed a job (see the cpu
         # backend); off the CPU it would find the stand-in device module and ask for the vendor collective.
-        return dataclasses.replace(info, usable=False, note=(
+        missing = "" if info.installed else f"{info.note}; and even installed, "  # say both: each needs fixing
+        return dataclasses.replace(info, usable=False, note=missing + (
             f"DeepSpeed does not run on an emulated {self.device_type} (its tensors are on the host, where "
             f"transformers cannot reach DeepSpeed): run it on a {self.device_type} host; --dry-run shows that "
             "launch here"))
