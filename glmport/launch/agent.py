@@ -69,7 +69,7 @@ def run_plan(plan: LaunchPlan) -> None:
 def describe_failure(failed, log_dir: Path) -> tuple[str, int]:
     """(message, exit status) for torchrun's ``ChildFailedError``: the rank that failed first, preferring
     one that failed on its own over one that stopped because another did."""
-    failures = sorted(failed.failures.items(), key=lambda item: (_relayed(item[1]), item[1].timestamp, item[0]))
+    failures = sorted(failed.failures.items(), key=lambda item: (_blame(item[1]), item[1].timestamp, item[0]))
     rank, failure = failures[0]
     status = failure.exitcode
     if status < 0:  # killed by a signal
@@ -94,6 +94,19 @@ def describe_failure(failed, log_dir: Path) -> tuple[str, int]:
 
 def _relayed(failure) -> bool:
     return _message(failure).startswith(RELAYED)
+
+
+# What a rank's collective raises when the peer it talks to has died: that rank failed because another did.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def _blame(failure) -> int:
+    """0: the rank failed on its own; 1: it was killed by a signal (the agent's SIGTERM after another rank
+    failed, or the kernel's SIGKILL); 2: it only relayed another rank's failure (a stop agreed between
+    ranks, or a collective whose peer had gone)."""
+    if _relayed(failure) or any(text in _message(failure) for text in PEER_GONE):
+        return 2
+    return 1 if failure.exitcode < 0 else 0
 
 
 def _message(failure) -> str:
