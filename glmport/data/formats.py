@@ -105,7 +105,7 @@ def describe_signatures() -> str:
 def read_record(fmt: str, record) -> list[Message]:
     """The messages of one record in format ``fmt``, checked for types, roles and a learnable reply."""
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, got {_json_type(record)}",
+        raise RecordError(f"expected a JSON object, got {json_type(record)}",
                           "write one object per record, e.g. {\"conversations\": [...]}")
     missing = [key for key in SIGNATURES[fmt] if key not in record]
     if missing:
@@ -232,7 +232,7 @@ def _read_alpaca(record: dict) -> Located:
     for index, pair in enumerate(history):
         field = f"history[{index}]"
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise RecordError(f"{field}: expected [question, answer] (two strings), got {_preview(pair)}",
+            raise RecordError(f"{field}: expected [question, answer] (two strings), got {json_preview(pair)}",
                               "write each earlier turn as [\"question\", \"answer\"]")
         located += [(Message("user", pair[0]), f"{field}[0]"), (Message("assistant", pair[1]), f"{field}[1]")]
     instruction = _field(record, "instruction", str, "")
@@ -392,7 +392,7 @@ def _openai_tools(tools, field: str) -> list:
     for index, tool in enumerate(tools):
         if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)):
             raise RecordError(f"{field}[{index}]: expected {{\"type\": \"function\", \"function\": {{...}}}}, "
-                              f"got {_preview(tool)}",
+                              f"got {json_preview(tool)}",
                               'write each tool as {"type": "function", "function": {"name": ..., "parameters": {...}}}')
     return _check_tools(tools, field)
 
@@ -491,7 +491,7 @@ def _optional(obj: dict, key: str, kind: type, parent: str):
 def _typed(value, kind: type, path: str):
     # bool is an int in Python; JSON keeps them apart, so do we.
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise RecordError(f"{path}: expected {_KIND_NAMES[kind]}, got {_json_type(value)} ({_preview(value)})",
+        raise RecordError(f"{path}: expected {_KIND_NAMES[kind]}, got {json_type(value)} ({json_preview(value)})",
                           f"write {path} as {_KIND_NAMES[kind]}")
     return value
 
@@ -499,7 +499,8 @@ def _typed(value, kind: type, path: str):
 _KIND_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "true or false"}
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
+    """How a JSON value's type reads in an error message (shared with glmport serve)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -509,7 +510,7 @@ def _json_type(value) -> str:
     return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _preview(value, width: int = 40) -> str:
+def json_preview(value, width: int = 40) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= width else text[: width - 3] + "..."
 

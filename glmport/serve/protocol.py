@@ -18,6 +18,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from glmport.data.formats import json_preview, json_type  # one wording of JSON types in every error
+
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -83,7 +85,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
                               f"{', '.join(sorted(known - set(IGNORED)))})", param=key)
     for key, defaults in DEFAULT_ONLY.items():
         if key in data and data[key] is not None and not _equal_default(data[key], defaults):
-            raise bad_request(f"{key}: {_preview(data[key])} is not supported by glmport serve (leave it out)",
+            raise bad_request(f"{key}: {json_preview(data[key])} is not supported by glmport serve (leave it out)",
                               param=key)
     model = _typed(data.get("model"), str, "model", required=True)
     if not model:
@@ -119,12 +121,12 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     request.seed = seed
     response_format = _typed(data.get("response_format"), dict, "response_format")
     if response_format and response_format.get("type") != "text":
-        raise bad_request(f"response_format: {_preview(response_format)} is not supported (only {{\"type\": \"text\"}})",
+        raise bad_request(f"response_format: {json_preview(response_format)} is not supported (only {{\"type\": \"text\"}})",
                           param="response_format")
     tools = _tools(data.get("tools"))
     choice = data.get("tool_choice")
     if choice is not None and choice not in ("auto", "none"):
-        raise bad_request(f"tool_choice: {_preview(choice)} is not supported; use \"auto\" (the model decides) or "
+        raise bad_request(f"tool_choice: {json_preview(choice)} is not supported; use \"auto\" (the model decides) or "
                           "\"none\" (glmport cannot force a call)", param="tool_choice")
     request.tools = None if choice == "none" else tools
     return request
@@ -144,7 +146,7 @@ def _json_object(body: bytes) -> dict:
     except RecursionError:  # "[[[[...": nested deeper than the parser goes
         raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
-        raise bad_request(f"the request body is {_json_type(data)}; send a JSON object")
+        raise bad_request(f"the request body is {json_type(data)}; send a JSON object")
     return data
 
 
@@ -160,7 +162,7 @@ def _messages(value) -> list[dict]:
         role = _typed(item.get("role"), str, f"{where}.role", required=True)
         role = ROLE_ALIASES.get(role, role)
         if role not in ROLES:
-            raise bad_request(f"{where}.role: {_preview(role)} is not a role; use system, user, assistant or tool",
+            raise bad_request(f"{where}.role: {json_preview(role)} is not a role; use system, user, assistant or tool",
                               param=f"{where}.role")
         message: dict = {"role": role}
         if role == "assistant":
@@ -195,14 +197,14 @@ def _content(item: dict, where: str, nullable: bool = False) -> str | None:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise bad_request(f"{where}.content: expected a string or a list of text parts, got {_json_type(value)}",
+        raise bad_request(f"{where}.content: expected a string or a list of text parts, got {json_type(value)}",
                           param=f"{where}.content")
     texts = []
     for index, part in enumerate(value):
         place = f"{where}.content[{index}]"
         _typed(part, dict, place, required=True)
         if part.get("type") != "text":
-            raise bad_request(f"{place}.type: {_preview(part.get('type'))} parts are not supported (text only)",
+            raise bad_request(f"{place}.type: {json_preview(part.get('type'))} parts are not supported (text only)",
                               param=f"{place}.type")
         texts.append(_typed(part.get("text"), str, f"{place}.text", required=True))
     return "\n".join(texts)
@@ -215,7 +217,7 @@ def _tool_calls(value, where: str) -> list[dict]:
         place = f"{where}[{index}]"
         _typed(call, dict, place, required=True)
         if call.get("type", "function") != "function":
-            raise bad_request(f"{place}.type: {_preview(call.get('type'))}; only function calls", param=f"{place}.type")
+            raise bad_request(f"{place}.type: {json_preview(call.get('type'))}; only function calls", param=f"{place}.type")
         function = _typed(call.get("function"), dict, f"{place}.function", required=True)
         name = _typed(function.get("name"), str, f"{place}.function.name", required=True)
         arguments = function.get("arguments", "{}")
@@ -225,7 +227,7 @@ def _tool_calls(value, where: str) -> list[dict]:
             except (json.JSONDecodeError, RecursionError):
                 raise bad_request(f"{place}.function.arguments: not valid JSON", param=f"{place}.function.arguments") from None
         if not isinstance(arguments, dict):
-            raise bad_request(f"{place}.function.arguments: expected a JSON object, got {_json_type(arguments)}",
+            raise bad_request(f"{place}.function.arguments: expected a JSON object, got {json_type(arguments)}",
                               param=f"{place}.function.arguments")
         checked.append({"id": _typed(call.get("id"), str, f"{place}.id"), "type": "function",
                         "function": {"name": name, "arguments": arguments}})
@@ -241,11 +243,11 @@ def _tools(value) -> list[dict] | None:
         where = f"tools[{index}]"
         _typed(tool, dict, where, required=True)
         if tool.get("type") != "function":
-            raise bad_request(f"{where}.type: {_preview(tool.get('type'))}; only \"function\" tools", param=f"{where}.type")
+            raise bad_request(f"{where}.type: {json_preview(tool.get('type'))}; only \"function\" tools", param=f"{where}.type")
         function = _typed(tool.get("function"), dict, f"{where}.function", required=True)
         name = _typed(function.get("name"), str, f"{where}.function.name", required=True)
         if not TOOL_NAME.match(name):
-            raise bad_request(f"{where}.function.name: {_preview(name)}; use 1 to 64 letters, digits, _ or -",
+            raise bad_request(f"{where}.function.name: {json_preview(name)}; use 1 to 64 letters, digits, _ or -",
                               param=f"{where}.function.name")
         _typed(function.get("description"), str, f"{where}.function.description")
         _typed(function.get("parameters"), dict, f"{where}.function.parameters")
@@ -261,7 +263,7 @@ def _stop(value) -> list[str]:
         raise bad_request(f"stop: {len(stops)} sequences; at most {MAX_STOP_SEQUENCES}", param="stop")
     for index, stop in enumerate(stops):
         if not isinstance(stop, str) or not stop:
-            raise bad_request(f"stop[{index}]: expected a non-empty string, got {_preview(stop)}", param="stop")
+            raise bad_request(f"stop[{index}]: expected a non-empty string, got {json_preview(stop)}", param="stop")
     return list(stops)
 
 
@@ -272,7 +274,7 @@ def _typed(value, kind: type, where: str, required: bool = False):
         return None
     # bool is an int in Python; JSON keeps them apart, so do we.
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise bad_request(f"{where}: expected {_KIND_NAMES[kind]}, got {_json_type(value)} ({_preview(value)})",
+        raise bad_request(f"{where}: expected {_KIND_NAMES[kind]}, got {json_type(value)} ({json_preview(value)})",
                           param=where)
     return value
 
@@ -287,7 +289,7 @@ def _number(value, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad_request(f"{where}: expected a number, got {_json_type(value)} ({_preview(value)})", param=where)
+        raise bad_request(f"{where}: expected a number, got {json_type(value)} ({json_preview(value)})", param=where)
     return float(value)
 
 
@@ -299,19 +301,6 @@ def _equal_default(value, defaults: tuple) -> bool:
 _KIND_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "true or false", int: "an integer"}
 
 
-def _json_type(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def _preview(value, width: int = 40) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # --- responses ---------------------------------------------------------------------------------------------
