@@ -100,13 +100,18 @@ def _relayed(failure) -> bool:
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
+# The signals a rank gets from outside when another one failed: the agent's SIGTERM (or SIGINT) and, after its
+# shutdown timeout, SIGKILL. Any other signal (SIGABRT, SIGSEGV, SIGBUS, ...) is the rank's own crash.
+STOPPED_BY_AGENT = (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)
+
+
 def _blame(failure) -> int:
-    """0: the rank failed on its own; 1: it was killed by a signal (the agent's SIGTERM after another rank
-    failed, or the kernel's SIGKILL); 2: it only relayed another rank's failure (a stop agreed between
-    ranks, or a collective whose peer had gone)."""
+    """0: the rank failed on its own (an error, or a crash such as SIGABRT); 1: it was stopped by a signal
+    the agent sends when another rank failed; 2: it only relayed another rank's failure (a stop agreed
+    between ranks, or a collective whose peer had gone)."""
     if _relayed(failure) or any(text in _message(failure) for text in PEER_GONE):
         return 2
-    return 1 if failure.exitcode < 0 else 0
+    return 1 if -failure.exitcode in STOPPED_BY_AGENT else 0
 
 
 def _message(failure) -> str:

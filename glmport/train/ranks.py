@@ -119,12 +119,20 @@ class Ranks:
             how = declared if declared == collective else f"{declared}, run as {collective} by the emulator"
             log.info("%d processes, collective %s; rank %s", self.world_size, how, ", rank ".join(where))
 
-    def close(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group. After a run that finished, every rank first waits for the others: a gloo
+        rank whose peer has already torn its connections down can abort at exit ("terminate called without
+        an active exception") instead of returning 0. After an error there is no waiting (a peer may be stuck
+        in a collective that never completes); the launcher stops the others."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
     # --- agreeing -----------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -48,7 +48,7 @@ def run_training(request: TrainRequest, manager) -> dict:
         cleanup.enter_context(selection.backend.activate())
         check_deepspeed(config, selection.backend, env)
         ranks.connect(selection.backend, timeout_s=float(config.training_args.get("ddp_timeout", 1800)))
-        cleanup.callback(ranks.close)
+        cleanup.push(lambda failed, *_: ranks.close(finished=failed is None))
         if not ranks.is_main:  # one set of loading bars is enough
             from transformers.utils import logging as transformers_logging
 
