@@ -333,15 +333,8 @@ def generate_ids(bundle: InferenceModel, prompts: list[list[int]], settings: Gen
     from glmport.train.guarded import guarded_forward
 
     width = max(len(p) for p in prompts)
-    pad = bundle.template.pad_token_id
     prefix = peft_prefix_length(bundle.model, bundle.loaded.info.kind)
-    first = prefix  # prefix tuning: real tokens sit after the virtual ones, as peft's forward places them
-    batch = {
-        "input_ids": torch.tensor([[pad] * (prefix + width - len(p)) + list(p) for p in prompts]),
-        "attention_mask": torch.tensor([[1] * prefix + [0] * (width - len(p)) + [1] * len(p) for p in prompts]),
-        "position_ids": torch.tensor([[0] * (prefix + width - len(p)) + list(range(first, first + len(p)))
-                                      for p in prompts]),
-    }
+    batch = generation_batch(prompts, bundle.template.pad_token_id, prefix)
     device = bundle.backend.device(0)
     batch = {k: v.to(device) for k, v in bundle.backend.coerce(batch).items()}  # narrowed before it is moved
     if settings.seed is not None:
@@ -358,6 +351,23 @@ def generate_ids(bundle: InferenceModel, prompts: list[list[int]], settings: Gen
         end = next((i for i, token in enumerate(row) if token in stops), None)
         rows.append(row if end is None else row[: end + 1])
     return rows
+
+
+def generation_batch(prompts: list[list[int]], pad: int, prefix: int = 0) -> dict:
+    """Left-padded ``input_ids``, ``attention_mask`` and ``position_ids`` (CPU tensors) for ``prompts``: each
+    prompt's positions start at 0 at its first real token, as the ChatGLM tokenizers pad for generation, so
+    a prompt gets the same positions in a batch as on its own. With a peft prefix of ``prefix`` virtual
+    tokens the rows start with that many attended placeholders and the real tokens' positions start after
+    them, as peft's forward places them (:func:`with_prefix_cache` puts the prefix there)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    return {
+        "input_ids": torch.tensor([[pad] * (prefix + width - len(p)) + list(p) for p in prompts]),
+        "attention_mask": torch.tensor([[1] * prefix + [0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+        "position_ids": torch.tensor([[0] * (prefix + width - len(p)) + list(range(prefix, prefix + len(p)))
+                                      for p in prompts]),
+    }
 
 
 def peft_prefix_length(model, model_kind: str) -> int:
@@ -502,6 +512,26 @@ class ReplyStream:  # generate() only calls put() and end(): transformers' BaseS
         elif not self.diverged:
             self.diverged = True
             log.debug("streamed text %r is not a prefix of %r", self.shown, text)
+
+
+def check_context(bundle: InferenceModel, prompts: list[tuple[str, list[int]]], max_new_tokens: int) -> None:
+    """Refuse, before generating, prompts that with ``max_new_tokens`` do not fit the model's context: past it
+    the model has no positions (a crash deep in its code, or silent garbage). ``prompts`` are (where, ids)."""
+    from glmport.errors import DataError
+
+    context = bundle.context_length()
+    if context is None:
+        return
+    over = [(where, len(ids)) for where, ids in prompts if len(ids) + max_new_tokens > context]
+    if over:
+        config = bundle.loaded.info.path / "config.json"
+        raise DataError(
+            f"{len(over)} prompt(s) do not fit the model's context of {context} tokens ({config}) with "
+            f"--max-new-tokens {max_new_tokens}",
+            [Problem(where, f"{length} prompt tokens + {max_new_tokens} new tokens = {length + max_new_tokens}",
+                     f"shorten it to at most {context - max_new_tokens} tokens or lower --max-new-tokens"
+                     if length < context else f"shorten it to under {context} tokens")
+             for where, length in over])
 
 
 def generate_reply(bundle: InferenceModel, messages, settings: GenerationSettings | None = None, *,

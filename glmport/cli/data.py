@@ -48,9 +48,11 @@ def add_parser(subparsers, common) -> None:
     p.add_argument("input", metavar="IN", help="a .jsonl or .json data file in any supported format")
     p.add_argument("output", metavar="OUT", help="the .jsonl file to write")
     p.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="format of IN (default: detected)")
-    p.add_argument("--to", default="conversations", choices=("conversations", "context-target"),
-                   help="format of OUT: ChatGLM3 conversations (default), or the {context, target} records of the "
-                        "ChatGLM-6B tuning tutorial (alpaca records converted as its cover_alpaca2jsonl.py does)")
+    p.add_argument("--to", default="conversations", choices=("conversations", "messages", "context-target"),
+                   help="format of OUT: ChatGLM3 conversations (default; tool calls as ChatGLM3's tool_call block), "
+                        "GLM-4 messages (tool calls as the function name in metadata and JSON arguments), or the "
+                        "{context, target} records of the ChatGLM-6B tuning tutorial (alpaca records converted as "
+                        "its cover_alpaca2jsonl.py does)")
     p.set_defaults(handler=cmd_convert)
 
 
@@ -177,13 +179,25 @@ def cmd_convert(args, manager) -> int:
     result = load_conversations(source, fmt=args.format)
     if args.to == "context-target":
         records = _context_target_records(result)
+    elif args.to == "messages":
+        records = [_glm4_messages_record(conv) for conv in result.conversations]
     else:
         records = [to_conversations_record(conv) for conv in result.conversations]
     lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
     write_text_atomically(target, "".join(lines))
-    what = "conversations" if args.to == "conversations" else "context/target records"
+    what = {"conversations": "conversations", "messages": "GLM-4 messages records"}.get(args.to, "context/target records")
     print(f"wrote {len(lines)} {what} ({result.format} -> {args.to}) to {target}")
     return 0
+
+
+def _glm4_messages_record(conv) -> dict:
+    """``conv`` in GLM-4's ``messages`` form, each message as the glm4 template renders it: a tool call as its
+    function name (``metadata``) and JSON arguments, tools on the system message (which has no text when
+    glmport added it only to declare them)."""
+    from glmport.data.records import message_record
+    from glmport.toolcalls import family_message
+
+    return {"messages": [message_record(family_message("glm4", message)) for message in conv.messages]}
 
 
 def _context_target_records(result) -> list[dict]:

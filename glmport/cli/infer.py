@@ -195,9 +195,10 @@ def _infer(args, manager, backend, settings) -> int:
 
 def _infer_prompt(args, bundle, settings, guard) -> int:
     from glmport.data.records import Message
-    from glmport.infer import generate_reply
+    from glmport.infer import check_context, generate_reply
 
     messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
+    check_context(bundle, [("--prompt", bundle.template.prompt_ids(messages))], settings.max_new_tokens)
     streaming = not (args.json or args.no_stream)
     reply = generate_reply(bundle, messages, settings, guard_mode=guard, on_text=print_piece if streaming else None)
     if args.json:
@@ -217,7 +218,7 @@ def _infer_prompt(args, bundle, settings, guard) -> int:
 
 def _infer_file(args, bundle, settings, guard) -> int:
     from glmport.errors import DataError
-    from glmport.infer import generate_in_batches, read_prompt_file, read_reply
+    from glmport.infer import check_context, generate_in_batches, read_prompt_file, read_reply
 
     records = read_prompt_file(args.file, bundle.family)
     prompts, problems = [], []
@@ -228,6 +229,7 @@ def _infer_file(args, bundle, settings, guard) -> int:
             problems += [Problem(record.source, p.what, p.fix) for p in exc.problems] or [Problem(record.source, str(exc))]
     if problems:
         raise DataError(f"{args.file}: {len(problems)} prompt(s) the {bundle.family} format cannot express", problems)
+    check_context(bundle, [(record.source, ids) for record, ids in zip(records, prompts)], settings.max_new_tokens)
     with progress_bar(args, len(prompts), "prompt", "generating") as bar:
         rows = generate_in_batches(bundle, prompts, settings, batch_size=args.batch_size, guard_mode=guard,
                                    progress=bar.update)

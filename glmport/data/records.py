@@ -64,12 +64,13 @@ def to_conversations_record(conv: Conversation) -> dict:
     if first is not None and first.role == "system" and first.tools is not None and first.content == TOOLS_PREAMBLE:
         record["tools"] = first.tools
         messages = messages[1:]
-    record["conversations"] = [_message_record(m) for m in messages]
+    record["conversations"] = [message_record(m) for m in messages]
     # Keep the README's key order: conversations first, then tools.
     return {key: record[key] for key in ("conversations", "tools") if key in record}
 
 
-def _message_record(message: Message) -> dict:
+def message_record(message: Message) -> dict:
+    """One message as a record: role and content, then metadata, tools and loss where it has them."""
     out: dict = {"role": message.role, "content": message.content}
     if message.metadata:
         out["metadata"] = message.metadata

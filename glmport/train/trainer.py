@@ -29,6 +29,7 @@ from transformers.trainer_callback import PrinterCallback
 from glmport.data.packing import training_collator
 from glmport.errors import TrainingDiverged
 from glmport.guard import GuardReport, sixty_four_bit_guard
+from glmport.infer import generation_batch, peft_prefix_length, with_prefix_cache
 from glmport.train.arguments import generation_config, training_arguments
 from glmport.train.callbacks import MetricsLog, ProgressCallback
 from glmport.train.checkpoints import RunIdentity, rotate, write_manifest
@@ -57,6 +58,7 @@ class GlmTrainer(Seq2SeqTrainer):
         self.label_tokens_seen = 0
         self.identity = RunIdentity()  # what checkpoint manifests record about the run (set by the recipe)
         self.resume_flag = "--resume"  # how the user asks to resume, for the message of a failed save
+        self.model_kind = "remote"  # "native" for transformers' GLM classes (set by build_trainer)
         # Let the Trainer count label tokens across the accumulated batch and hand us the total.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
@@ -152,11 +154,15 @@ class GlmTrainer(Seq2SeqTrainer):
         kwargs.pop("synced_gpus", None)
         prompt = gen["gen_input_ids"]
         config = self.model.generation_config
+        batch = {"input_ids": prompt, "attention_mask": gen["gen_attention_mask"]}
+        model, prefix = self.model, peft_prefix_length(self.model, self.model_kind)
+        if prefix:  # native peft prefix tuning: generate from the prefix as a filled cache, as glmport infer does
+            prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt.cpu(), gen["gen_attention_mask"].cpu())]
+            batch = self.backend.coerce(generation_batch(prompts, int(config.pad_token_id), prefix))
+            model, batch = with_prefix_cache(self.model, self.backend, {k: v.to(prompt.device) for k, v in batch.items()})
         with torch.no_grad(), guarded_forward(self.model, self.backend, self.guard_mode, self._merge):
-            out = self.model.generate(
-                input_ids=prompt, attention_mask=gen["gen_attention_mask"], generation_config=config, **kwargs
-            )
-        return out[:, prompt.shape[1]:]
+            out = model.generate(**batch, generation_config=config, **kwargs)
+        return out[:, prefix + prompt.shape[1]:]
 
     # --- checkpoints ------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
@@ -215,6 +221,7 @@ def build_trainer(run: TrainingRun, manager) -> GlmTrainer:
     trainer.add_callback(ProgressCallback(trainer))
     trainer.add_callback(MetricsLog(run.output_dir / METRICS_FILE, resume_flag=run.request.resume_flag))
     trainer.resume_flag = run.request.resume_flag
+    trainer.model_kind = run.loaded.info.kind
     for plugin_callbacks in manager.hook.glmport_trainer_callbacks(run=run):
         for callback in plugin_callbacks or []:
             trainer.add_callback(callback)

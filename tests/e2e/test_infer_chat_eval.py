@@ -101,7 +101,7 @@ def test_a_file_in_left_padded_batches_gives_what_one_prompt_at_a_time_gives(nam
     assert rows[0]["reply"] == _infer_json(results[name], "--prompt", PROMPT, *flags, env=env)["reply"]
 
 
-@pytest.mark.parametrize("name", ["lora", "ptuning", "sft"])
+@pytest.mark.parametrize("name", sorted(RUNS))
 def test_eval_reproduces_the_runs_test_predictions_and_scores_them_as_training_does(name, results, data_dir, tmp_path):
     """The run predicted its test split (dev.jsonl) after training; eval of the result on the same file, with the
     run's own lengths and max_new_tokens (read from its glmport_config.yaml), must give the same rows."""

@@ -78,3 +78,17 @@ def test_eval_lengths_must_be_positive(flag, models, tmp_path):
     data.write_text(json.dumps({"instruction": "hi", "output": "yo"}) + "\n")
     failed = ok(run_cli("eval", models["native"], data, flag, "-3"), exit_code=2)
     assert f"{flag}: -3" in failed.stderr
+
+
+@pytest.mark.parametrize("kind", ["native", "remote"])
+def test_a_prompt_longer_than_the_context_is_refused_before_generating(kind, models, tmp_path):
+    """The tiny models take 1,024 positions: a prompt that leaves no room for --max-new-tokens is named (the
+    flag, or the file and line) instead of failing inside the model's code."""
+    long_prompt = " ".join(["word"] * 1100)
+    failed = ok(run_cli("infer", models[kind], "--prompt", long_prompt, "-q"), exit_code=2)
+    assert "do not fit the model's context of 1024 tokens" in failed.stderr and "--prompt:" in failed.stderr
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("short") + "\n" + json.dumps(" ".join(["word"] * 40)) + "\n")
+    failed = ok(run_cli("infer", models[kind], "--file", prompts, "--max-new-tokens", "1000", "-q"), exit_code=2)
+    assert f"{prompts}:2:" in failed.stderr and f"{prompts}:1" not in failed.stderr
+    assert "lower --max-new-tokens" in failed.stderr

@@ -410,3 +410,29 @@ def test_bad_sharegpt_and_openai_records_name_the_field(fmt, record, what):
         read_record(fmt, record)
     assert caught.value.what.startswith(what), caught.value.what
     assert caught.value.fix
+
+
+def test_openai_tool_calls_convert_to_glm4_messages_that_render_the_same(tmp_path):
+    """``glmport data convert --to messages``: the call as GLM-4 writes it (name in metadata, JSON arguments),
+    tools on a system message with no text; read back, each message renders for glm4 as the original does."""
+    from glmport.testing import ok, run_cli
+    from glmport.toolcalls import family_message
+
+    record = {"tools": [{"type": "function", "function": WEATHER}], "messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21"}, {"role": "assistant", "content": "a"}]}
+    source, target = tmp_path / "openai.jsonl", tmp_path / "glm4.jsonl"
+    source.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    done = ok(run_cli("data", "convert", source, target, "--to", "messages"))
+    assert "wrote 1 GLM-4 messages records (openai -> messages)" in done.stdout
+    written = json.loads(target.read_text(encoding="utf-8"))
+    assert written["messages"][0]["role"] == "system" and written["messages"][0]["content"] == ""
+    assert written["messages"][2] == {"role": "assistant", "content": '{"city": "Paris", "days": 2}', "metadata": "weather"}
+    assert written["messages"][3] == {"role": "observation", "content": "21"}
+
+    def rendered(messages):
+        return [(m.role, m.content, m.metadata, m.tools) for m in (family_message("glm4", m) for m in messages)]
+
+    assert rendered(read_record("messages", written)) == rendered(read_record("openai", record))
