@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from glmport.errors import ConfigError
-from glmport.launch.worker import launched, record_failure
+from glmport.launch.worker import launched, record_failure, stop_with_launcher
 from glmport.train.recipe import run_training
 from glmport.train.state import TrainRequest
 
@@ -162,6 +162,7 @@ def _train(args, manager) -> int:
         local_rank = getattr(args, "local_rank", None)  # the DeepSpeed launcher's argument
         if local_rank is not None and str(local_rank) != os.environ["LOCAL_RANK"]:
             raise ConfigError(f"--local_rank {local_rank} disagrees with LOCAL_RANK={os.environ['LOCAL_RANK']}")
+        stop_with_launcher()
         run_training(request, manager)
         return 0
     if getattr(args, "local_rank", None) is not None:  # a launcher that passes the rank only as an argument

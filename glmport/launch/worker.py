@@ -10,7 +10,10 @@ itself before it does.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
 
 
 def launched(environ=None) -> bool:
@@ -26,3 +29,22 @@ def record_failure(exc: BaseException) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
     ErrorHandler().record_exception(exc)
+
+
+def stop_with_launcher() -> None:
+    """Ask the kernel to send this rank SIGHUP when the process that started it dies (Linux).
+
+    A launcher that is killed outright (SIGKILL, the OOM killer, a node agent) cannot stop its ranks, and they
+    would train on, or wait in a collective, with nobody to report to. With this, they stop as on a
+    preemption: at an agreed step, with its checkpoint (:mod:`glmport.train.signals`), or at once before
+    training. SIGHUP rather than SIGTERM because the kernel repeats it for every thread of the dead launcher
+    the rank is handed on to, and a repeated SIGTERM means "abort now"."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+    if os.getppid() == 1:  # the launcher died before the request was made: nobody would send it
+        os.kill(os.getpid(), signal.SIGHUP)

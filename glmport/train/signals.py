@@ -17,6 +17,11 @@ whether any saw the loss diverge: one collective for both), so all of them stop 
 save that step's checkpoint together. Without it one rank would leave the loop while the others wait for
 it in the next step's gradient reduction. Each rank counts only the signals it received itself: the
 launcher's copy that reaches a rank after the ranks agreed to stop is its first, not a second that aborts.
+
+A launched rank also stops this way when its launcher dies without stopping it (killed outright): the kernel
+sends it SIGHUP then (:func:`glmport.launch.worker.stop_with_launcher`), once for every thread of the dead
+launcher it is handed on to, so repeated SIGHUPs count as one and never abort. A SIGHUP that was ignored
+when training started (``nohup``) stays ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from transformers import TrainerCallback
 
 from glmport.errors import Interrupted, SignalInterrupt
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class GracefulStop(TrainerCallback):
@@ -49,6 +54,8 @@ class GracefulStop(TrainerCallback):
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for signum in HANDLED:
+                if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # nohup: the user asked for hangups to be ignored
                 self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
@@ -59,6 +66,8 @@ class GracefulStop(TrainerCallback):
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP and self.requested is not None:
+            return  # the launcher's death announced again, not a second request
         if self.requested is not None:
             raise SignalInterrupt(f"aborted at once by a second signal ({name}); checkpoints marked complete are intact "
                               "(resume with --resume yes)")

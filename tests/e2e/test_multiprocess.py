@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,28 @@ def test_bad_input_stops_every_rank_with_its_message(models, data_dir, tmp_path)
     assert re.search(r"glmport: error: rank \d \(local rank \d on this node, pid \d+\) exited with status 2", result.stderr)
     assert "bad.jsonl:33" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ranks_do_not_outlive_a_launcher_that_was_killed(models, data_dir, tmp_path):
+    """SIGKILL to the launcher (the OOM killer, a node agent) leaves it no chance to stop the ranks: the kernel
+    sends them SIGTERM when it dies, and they stop as on a preemption, at an agreed step with a complete
+    checkpoint, instead of training on or waiting in a collective with nobody to report to."""
+    config = write_config(tmp_path, "lora", **{**QUICK, "training_args__max_steps": 40})
+    steps = tmp_path / "steps.jsonl"
+    env = {**_plugin_env(rank=1, at_step=2, action="sigkill-launcher", steps_out=steps), "TMPDIR": str(tmp_path)}
+    killed = _train("-p", "multiprocess_plugin", data_dir, models["native"], config, *TWO, env=env)
+    assert killed.returncode == -9
+    pids = {entry["pid"] for entry in map(json.loads, steps.read_text().splitlines())}
+    assert len(pids) == 2
+    deadline = time.monotonic() + 120
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "a rank outlived its launcher"
+    last = max(entry["step"] for entry in map(json.loads, steps.read_text().splitlines()))
+    assert last < 40  # stopped, not trained to the end
+    checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
+    assert checkpoints and all((c / "glmport_checkpoint.json").is_file() for c in checkpoints)
+    assert not (tmp_path / "out" / "final").exists()
+    assert json.loads((tmp_path / "out" / "glmport_run.json").read_text())["outcome"] == "interrupted"
+    logs = [log.read_text() for log in tmp_path.glob("glmport-*/*/attempt_0/*/stderr.log")]
+    assert len(logs) == 2 and all("stopped by SIGHUP after step" in log for log in logs), logs
