@@ -3,6 +3,7 @@ memory estimate's parameter count, packing and its mask, the chunked label-row l
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from glmport.bench.estimate import estimate_peak, parameter_count
@@ -91,19 +92,25 @@ def _loss_and_grads(rows, targets, head, chunk, monkeypatch):
     saved = []
 
     def keep(t):
-        saved.append(t.numel())
+        saved.append(t.shape)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         total, count = loss.label_loss_sum(hidden, targets, head)
     total.backward()
-    return total.detach(), hidden.grad, head.weight.grad.clone(), max(saved)
+    weight = head.weight if isinstance(head, torch.nn.Linear) else head[0].weight
+    return total.detach(), hidden.grad, weight.grad.clone(), saved
 
 
-def test_chunked_label_loss_is_exact_and_keeps_one_chunk_of_logits(monkeypatch):
+@pytest.mark.parametrize("kind", ["linear", "called-module"])
+def test_chunked_label_loss_is_exact_and_keeps_one_chunk_of_logits(monkeypatch, kind):
+    """A plain Linear head: gradients computed chunk by chunk in the forward, no logits kept for backward.
+    A head that must be called (peft, hooks, ZeRO-3): each chunk recomputed in backward when there are several."""
     torch.manual_seed(0)
     vocab, width = 1000, 16
     head = torch.nn.Linear(width, vocab, bias=False)
+    if kind == "called-module":
+        head = torch.nn.Sequential(head)
     rows = torch.randn(1, 65, width)
     targets = torch.randint(0, vocab, (1, 65))
     targets[0, :10] = -100
@@ -111,8 +118,12 @@ def test_chunked_label_loss_is_exact_and_keeps_one_chunk_of_logits(monkeypatch):
     chunked = _loss_and_grads(rows, targets, head, 8, monkeypatch)
     for a, b in zip(whole[:3], chunked[:3]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    assert whole[3] >= 54 * vocab  # one chunk: every label row's logits kept for backward
-    assert chunked[3] < 8 * vocab + 1  # recomputed per chunk: no saved tensor beyond one chunk
+    if kind == "linear":  # the rows' and the weight's gradients are kept, never logits
+        assert all(shape[-1] != vocab for shape in whole[3] + chunked[3])
+        assert torch.Size([55, width]) in chunked[3] and torch.Size([vocab, width]) in chunked[3]
+    else:
+        assert max(shape.numel() for shape in whole[3]) >= 54 * vocab  # one chunk: every label row's logits kept
+        assert max(shape.numel() for shape in chunked[3]) < 8 * vocab + 1  # recomputed per chunk
 
 
 def test_bench_refuses_few_steps_without_the_flag_and_unknown_shapes():
