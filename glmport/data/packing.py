@@ -3,12 +3,15 @@
 A micro-batch of samples is packed first-fit, in order, into rows of at most ``row_tokens`` tokens (a
 sample longer than that gets a row of its own). By default a row holds at most as many tokens as the
 micro-batch's longest sample: the padding goes, and no row is longer than a padded batch's, so attention
-(which, without a variable-length kernel, runs over each whole row with a block-diagonal mask) costs no more. Three things keep a packed row equal to the samples
-trained one by one:
+(which, without a variable-length kernel, runs over each whole row with a block-diagonal mask) costs no more.
+Three things keep a packed row equal to the samples trained one by one:
 
 1. positions restart at 0 for every sample (ChatGLM's rotary table is indexed by ``position_ids``);
 2. attention stays inside each sample: :func:`enable_packed_attention` installs a hook on the model that
-   turns the restarts into a block-diagonal causal mask (the remote code's ``full_attention_mask``);
+   turns the restarts into the remote code's ``full_attention_mask``: where the accelerator patch set runs
+   attention through the backend's variable-length kernel, the ``[batch, seq]`` segment numbers (each
+   sample its own sequence in ``cu_seqlens``, no dense mask built); elsewhere a block-diagonal causal mask
+   ``[batch, 1, seq, seq]`` for SDPA;
 3. the first label of every sample is -100, so the previous sample's last token does not learn to predict it.
 
 The loss is normalized per label token (:mod:`glmport.train.loss`), so packed and unpacked micro-batches of
@@ -107,14 +110,23 @@ def _is_packed(position_ids, attention_mask) -> bool:
     return bool(starts.any())
 
 
+# Class attribute the accelerator set's attention patch puts on ChatGLMModel (glmport.patches.attention, which
+# names it too; patches depend on glmport, not the other way): True where attention takes 2-D segment masks
+# to the variable-length kernel.
+SEGMENT_MASKS = "_glmport_segment_masks"
+
+
 def _packed_mask_hook(module, args, kwargs):
-    """Forward pre-hook of the remote code's ``ChatGLMModel``: a packed batch gets its block-diagonal mask."""
+    """Forward pre-hook of the remote code's ``ChatGLMModel``: a packed batch gets its segment numbers
+    (variable-length kernel) or its block-diagonal mask (SDPA). Either travels through the layers' own
+    arguments, so gradient checkpointing's recompute sees it too."""
     if kwargs.get("full_attention_mask") is not None or kwargs.get("past_key_values"):
         return None
     position_ids, attention_mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
     if not _is_packed(position_ids, attention_mask):
         return None
-    kwargs["full_attention_mask"] = block_diagonal_mask(segment_ids(position_ids, attention_mask))
+    segments = segment_ids(position_ids, attention_mask)
+    kwargs["full_attention_mask"] = segments if getattr(module, SEGMENT_MASKS, False) else block_diagonal_mask(segments)
     return args, kwargs
 
 
