@@ -15,7 +15,7 @@ from typing import Any
 from glmport.backends._emulation import EmulationSettings, make_device_namespace, reference_varlen_attention
 from glmport.backends._memory import host_memory_stats, reset_host_peak
 
-from glmport.backend import Backend, MemoryStats
+from glmport.backend import Availability, Backend, MemoryStats
 
 
 class DeviceModuleBackend(Backend):
@@ -94,6 +94,25 @@ class DeviceModuleBackend(Backend):
         else:
             self._module().reset_peak_memory_stats()
 
+    def free_memory(self) -> int | None:
+        # emulated: the stand-in's mem_get_info (GLMPORT_EMULATE_MEMORY, less the process's resident memory)
+        module = self._module()
+        return int(module.mem_get_info()[0]) if hasattr(module, "mem_get_info") else None
+
+    def compile_support(self) -> Availability:
+        if self.emulated:
+            return Availability(False, f"{self.device_type} is emulated on the CPU, where inductor would compile CPU "
+                                       f"code: that says nothing of how the layers compile on a real {self.device_type}",
+                                "set glmport.compile: false (or train on the cpu backend to try compile)")
+        self._module()  # the vendor's module registers its inductor code generation when it is imported
+        from torch._inductor.codegen.common import get_scheduling_for_device, init_backend_registration
+
+        init_backend_registration()
+        if get_scheduling_for_device(self.device_type) is None:
+            return Availability(False, f"this torch (and its {self.device_type} extension) registers no inductor code "
+                                       f"generation for {self.device_type}", "set glmport.compile: false")
+        return Availability(True, f"inductor code generation for {self.device_type}")
+
     def supported_dtypes(self):
         import torch
 
@@ -141,5 +160,6 @@ class DeviceModuleBackend(Backend):
         if self.emulated:  # launched workers make the same emulated twin from these
             return {"GLMPORT_EMULATE": self.device_type, "DS_ACCELERATOR": "cpu",
                     "GLMPORT_EMULATE_DEVICE_COUNT": str(self.settings.device_count),
-                    "GLMPORT_EMULATE_BF16": "1" if self.settings.bf16 else "0"}
+                    "GLMPORT_EMULATE_BF16": "1" if self.settings.bf16 else "0",
+                    **({"GLMPORT_EMULATE_MEMORY": str(self.settings.memory)} if self.settings.memory is not None else {})}
         return {}

@@ -15,8 +15,9 @@ What is emulated:
 
 What is not: tensors stay on the CPU (``torch.device("mlu")`` is not made a valid device string; a pure
 Python device cannot hold a real model's storage), so placement reports ``cpu`` and the env report says
-"emulated". Knobs: ``GLMPORT_EMULATE_DEVICE_COUNT`` (default 1) and ``GLMPORT_EMULATE_BF16`` (default 1;
-0 emulates an MLU370, which has no bf16). The device's visible-devices variable masks the emulated devices
+"emulated". Knobs: ``GLMPORT_EMULATE_DEVICE_COUNT`` (default 1), ``GLMPORT_EMULATE_BF16`` (default 1;
+0 emulates an MLU370, which has no bf16) and ``GLMPORT_EMULATE_MEMORY`` (device memory, ``48GiB`` say, that
+``mem_get_info`` reports, less the process's resident memory; default: the host's). The device's visible-devices variable masks the emulated devices
 as the driver masks real ones: ``MLU_VISIBLE_DEVICES=1`` on an emulated 2-device host leaves one device,
 and the list stops at the first id that does not exist.
 
@@ -62,6 +63,7 @@ class EmulationSettings:
     device_count: int = 1
     bf16: bool = True
     visible: tuple[int, ...] | None = None
+    memory: int | None = None  # bytes of device memory (GLMPORT_EMULATE_MEMORY); None: the host's
 
     @classmethod
     def from_environ(cls, environ=None, mask: str | None = None) -> EmulationSettings:
@@ -71,7 +73,7 @@ class EmulationSettings:
         except ValueError:
             count = 1
         bf16 = env.get("GLMPORT_EMULATE_BF16", "1").strip().lower() not in {"0", "false", "no", "off"}
-        return cls(count, bf16, _masked(mask, count))
+        return cls(count, bf16, _masked(mask, count), parse_memory(env.get("GLMPORT_EMULATE_MEMORY")))
 
     @property
     def visible_count(self) -> int:
@@ -90,6 +92,20 @@ def _masked(mask: str | None, count: int) -> tuple[int, ...] | None:
             break
         visible.append(int(entry))
     return tuple(visible)
+
+
+def parse_memory(value: str | None) -> int | None:
+    """``GLMPORT_EMULATE_MEMORY``: bytes, or a number with KiB/MiB/GiB (``24GiB``); unset or unreadable: None."""
+    if not value or not value.strip():
+        return None
+    text = value.strip().lower().removesuffix("b")
+    scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    factor = scale.get(text.removesuffix("i")[-1:], 1)
+    number = text.removesuffix("i").rstrip("kmgt") if factor != 1 else text
+    try:
+        return max(int(float(number) * factor), 0)
+    except ValueError:
+        return None
 
 
 def _total_memory() -> int:
@@ -178,7 +194,7 @@ def make_device_namespace(device_type: str, settings: EmulationSettings) -> type
         _reset_rss_peak()
 
     def mem_get_info(device=None):
-        total = _total_memory()
+        total = settings.memory if settings.memory is not None else _total_memory()
         return max(total - _rss()[0], 0), total
 
     random_ns = types.ModuleType(f"torch.{device_type}.random")
@@ -315,18 +331,26 @@ def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     """A CPU stand-in for ``flash_attn_varlen_func``: attention per packed sequence with SDPA.
 
     Emulated devices offer it so the patch sets' variable-length path (int32 ``cu_seqlens``, unpadding,
-    causal flag) runs in CI exactly as it would with the device's kernel.
+    causal flag) runs in CI exactly as it would with the device's kernel. Like flash-attn, k/v may have
+    fewer heads than q (grouped/multi-query attention: query head ``h`` uses key/value head
+    ``h // (heads / kv_heads)``), and ``cu_seqlens`` must be int32.
     """
     import torch
     import torch.nn.functional as F
 
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32:
+            raise TypeError(f"varlen attention: {name} must be int32 (flash-attn's convention), not {cu.dtype}")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"varlen attention: {heads} query heads are not a multiple of {kv_heads} key/value heads")
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = torch.empty_like(q)
     for i in range(len(starts_q) - 1):
         qs, qe, ks, ke = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
         seg = F.scaled_dot_product_attention(
             q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
-            dropout_p=dropout_p, is_causal=causal, scale=softmax_scale,
+            dropout_p=dropout_p, is_causal=causal, scale=softmax_scale, enable_gqa=kv_heads != heads,
         )
         out[qs:qe] = seg.transpose(0, 1)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from glmport.backends._memory import host_memory_stats, reset_host_peak
@@ -40,6 +41,27 @@ class CpuBackend(Backend):
     def reset_peak_memory(self) -> None:
         reset_host_peak()
 
+    def free_memory(self) -> int | None:
+        """The host's available memory (``MemAvailable``: free plus what the kernel can reclaim)."""
+        try:
+            with open("/proc/meminfo", encoding="ascii") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def compile_support(self) -> Availability:
+        # inductor writes C++ for the CPU and builds it with the host's compiler
+        import shutil
+
+        compiler = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+        if compiler is None or not shutil.which(compiler.split()[0]):
+            return Availability(False, "inductor builds C++ for the CPU and no C++ compiler is on PATH (g++, c++, "
+                                       "clang++ or $CXX)", "install one (apt-get install g++), or set glmport.compile: false")
+        return Availability(True, f"inductor's C++ code generation, built with {compiler}")
+
     def supported_dtypes(self):
         import torch
 
@@ -53,6 +75,10 @@ class CpuBackend(Backend):
 
     def training_arguments(self) -> dict[str, Any]:
         return {"use_cpu": True, **super().training_arguments()}
+
+    def quantization_kernels(self) -> Availability:
+        # bitsandbytes 0.48+ ships CPU kernels for nf4/int8 (forward and backward; tests/e2e/test_qlora.py)
+        return Availability(True, "bitsandbytes' CPU kernels (0.48 and later)")
 
     def deepspeed(self):
         """DeepSpeed has a CPU accelerator, but the Trainer cannot use it: accelerate (1.x) gives DeepSpeed a job

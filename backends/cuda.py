@@ -45,6 +45,23 @@ class CudaBackend(DeviceModuleBackend):
                                 "check the driver with nvidia-smi")
         return Availability(True, f"{torch.cuda.device_count()} GPU(s), CUDA {torch.version.cuda}")
 
+    def quantization_kernels(self) -> Availability:
+        if self.emulated:  # the stand-in device keeps tensors on the CPU, where bitsandbytes' CUDA kernels do not run
+            return Availability(False, "bitsandbytes' CUDA kernels need a real GPU, and cuda is emulated here",
+                                "train QLoRA on a real GPU or on the cpu backend, or LoRA without quantization")
+        return Availability(True, "bitsandbytes' CUDA kernels")
+
+    def compile_support(self) -> Availability:
+        support = super().compile_support()
+        if not support.available:
+            return support
+        from torch.utils._triton import has_triton
+
+        if not has_triton():  # inductor writes Triton kernels for CUDA
+            return Availability(False, "inductor generates Triton kernels for CUDA and triton is not installed",
+                                "pip install the triton that matches your torch, or set glmport.compile: false")
+        return Availability(True, "inductor with Triton kernels")
+
     def device_count(self) -> int:
         if self.emulated:
             return self._module().device_count()

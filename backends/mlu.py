@@ -83,6 +83,11 @@ class MluBackend(DeviceModuleBackend):
     def compute_context(self):
         return int32_kernel_emulation() if self.emulated else nullcontext()
 
+    def quantization_kernels(self) -> Availability:
+        # torch_mlu registers no bitsandbytes kernels, and bitsandbytes ships none for MLU (emulated or real)
+        return Availability(False, "bitsandbytes has no MLU kernels (torch_mlu brings none)",
+                            "train LoRA with a bf16 base on mlu (glmport.quantization: none), or QLoRA on cuda")
+
     def environment(self) -> dict[str, str]:
         return super().environment() if self.emulated else {"PYTORCH_CNDEV_BASED_MLU_CHECK": "1"}
 

@@ -150,6 +150,11 @@ class Backend:
     def reset_peak_memory(self) -> None:  # must override
         raise NotImplementedError
 
+    def free_memory(self) -> int | None:
+        """Bytes the current device can still allocate (``glmport.gradient_checkpointing: auto`` fits its
+        estimate into them), or ``None`` when the device does not say."""
+        return None
+
     # --- dtypes ------------------------------------------------------------------------------------
     def supported_dtypes(self) -> list[torch.dtype]:
         """Floating dtypes this device trains in, best first."""
@@ -175,6 +180,20 @@ class Backend:
         if dtype is None or dtype == torch.float32:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+    def compile_support(self) -> Availability:
+        """Whether ``torch.compile`` (inductor) compiles and trains the model's layers on this device
+        (``glmport.compile``), and why not. Default: no; a backend says yes where inductor has code
+        generation for the device."""
+        return Availability(False, f"inductor has no code generation known to glmport for {self.name}",
+                            "set glmport.compile: false")
+
+    def quantization_kernels(self) -> Availability:
+        """Whether bitsandbytes has 4-/8-bit kernels for this device (QLoRA, ``glmport.quantization``), and
+        why not. Whether bitsandbytes is installed is asked separately (:mod:`glmport.train.quantization`).
+        Default: no; a backend says yes only where its kernels were seen to train."""
+        return Availability(False, f"bitsandbytes has no kernels for {self.name}",
+                            "train LoRA without quantization (glmport.quantization: none, bf16 base), or on cuda")
 
     def varlen_attention(self):
         """The device's variable-length attention kernel, or ``None``.

@@ -88,6 +88,9 @@ class GlmportSettings:
     plot: bool = True  # write loss.png at the end
     packing: bool | None = None  # padding-free packed batches; None: where correct (glmport.data.packing)
     seed: int | None = None  # overrides training_args.seed
+    quantization: str = "none"  # none | 4bit | 8bit: QLoRA's frozen base through bitsandbytes (LoRA only)
+    gradient_checkpointing: str | None = None  # off | full | selective | auto; None: training_args decides
+    compile: bool = False  # torch.compile each transformer layer (where the backend supports it)
 
 
 CHOICES = {
@@ -97,6 +100,8 @@ CHOICES = {
     "dtype": {"auto", "fp32", "bf16", "fp16"},
     "guard_64bit": {"auto", "on", "off", "report"},
     "init_model": {None, "tiny-native", "tiny-remote"},
+    "quantization": {"none", "4bit", "8bit"},
+    "gradient_checkpointing": {None, "off", "full", "selective", "auto"},
 }
 
 
@@ -380,6 +385,13 @@ def read_run_config(
     max_out = _positive_int(data, "max_output_length", where, problems)
     training_args = _training_args(section("training_args"), where, problems, warnings)
     _check_training_numbers(training_args, where, problems)
+    upstream = training_args.get("gradient_checkpointing")
+    if settings.gradient_checkpointing is not None and upstream is not None \
+            and settings.gradient_checkpointing != ("full" if upstream else "off"):
+        problems.append(Problem(where("glmport.gradient_checkpointing"),
+                                f"glmport.gradient_checkpointing: {settings.gradient_checkpointing} and "
+                                f"training_args.gradient_checkpointing: {str(upstream).lower()} disagree",
+                                "keep one of them (training_args.gradient_checkpointing: true means full)"))
     peft = _peft_config(data.get("peft_config"), where, problems)
     for flag in ("combine", "freezeV"):
         if flag in data and not isinstance(data[flag], bool):

@@ -198,6 +198,8 @@ def export(path: Path, out: Path, bundle, *, merge: bool, dtype: str | None, max
             "method": (bundle.result or {}).get("method"), "merged": content == "adapter",
             "model_kind": info.kind, "model_family": info.family, "template": bundle.template.name,
             "dtype": dtype_name, "compat_patches": compat_ids,
+            # a QLoRA adapter trained on a 4-bit base; it is merged into the full-precision weights
+            "trained_quantization": (bundle.result or {}).get("quantization", "none"),
         }
         (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         publish(staging, out)

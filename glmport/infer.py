@@ -203,16 +203,19 @@ def _check_base(path: Path, source: _Source, info) -> None:
 
 
 def load_for_inference(path: Path, backend, *, patch_sets, allow_unverified: bool = False,
-                       dtype: str = "auto", consent=None, base: Path | None = None) -> InferenceModel:
+                       dtype: str = "auto", consent=None, base: Path | None = None,
+                       quantization: str | None = None) -> InferenceModel:
     """``path``: a model folder, the ``final`` folder of a training run (adapter, prefix encoder or
     full model; the base model is found through its glmport_result.json), a peft adapter folder, or a
     checkpoint of a run that holds an adapter. ``base`` replaces the base model the result names (it moved).
     ``patch_sets`` is the caller's ``manager.patch_sets``; ``consent``
-    (:class:`glmport.modeling.RemoteCodeConsent`) says which remote code may run."""
+    (:class:`glmport.modeling.RemoteCodeConsent`) says which remote code may run. ``quantization``: None loads
+    a QLoRA result's base as it trained (:func:`_quantization`); ``"none"`` in full precision (export merges)."""
 
     from glmport.data.templates import get_template
     from glmport.modeling import inspect_model_dir, load_model, resolve_dtype
     from glmport.train.methods import prefix_config_overrides
+    from glmport.train.quantization import bitsandbytes_config
 
     path = Path(path).resolve()
     if not path.is_dir():
@@ -232,8 +235,10 @@ def load_for_inference(path: Path, backend, *, patch_sets, allow_unverified: boo
     overrides = prefix_config_overrides(info, result.get("peft_config")) if content == "prefix-encoder" else {}
     if overrides:
         overrides["use_cache"] = True
+    bits = _quantization(path, result, backend) if quantization is None else quantization
     loaded = load_model(info, backend, mode="infer", dtype=torch_dtype, patch_sets=patch_sets,
-                        allow_unverified=allow_unverified, config_overrides=overrides, consent=consent)
+                        allow_unverified=allow_unverified, config_overrides=overrides, consent=consent,
+                        quantization_config=bitsandbytes_config(bits, torch_dtype))
     try:
         model = _with_result(loaded.model, content, path, backend, source)
         template = get_template((result or {}).get("template", "auto"), loaded.tokenizer,
@@ -244,6 +249,22 @@ def load_for_inference(path: Path, backend, *, patch_sets, allow_unverified: boo
         raise
     described = f"{info.kind} {info.family} model {source.base_dir}" + (f" + {content} {path}" if result else "")
     return InferenceModel(model, loaded.tokenizer, template, backend, loaded, described, path, result)
+
+
+def _quantization(path: Path, result: dict | None, backend) -> str:
+    """A QLoRA result's base loads in the bits it trained in (the weights its adapter saw, in the memory its
+    user has) where the backend and bitsandbytes allow; elsewhere in full precision, with a warning."""
+    from glmport.train.quantization import support_problem
+
+    trained = (result or {}).get("quantization", "none")
+    problem = support_problem(trained, backend, str(path / RESULT_FILE), key="quantization")
+    if problem is None:
+        if trained != "none":
+            log.info("loading the base model in %s, as the result trained on it (QLoRA)", trained)
+        return trained
+    log.warning("%s was trained on a %s base (QLoRA); loading the base in full precision instead: %s",
+                path, trained, problem.what)
+    return "none"
 
 
 def _with_result(model, content: str, path: Path, backend, source: _Source):
@@ -270,6 +291,8 @@ def _with_result(model, content: str, path: Path, backend, source: _Source):
             source.named_by or str(path), first,
             "give the base model the result was trained on" + (" (--base)" if source.named_by == "--base" else
                                                                ", with --base DIR if it moved"))]) from None
+    if getattr(model, "hf_quantizer", None) is not None:  # bitsandbytes placed it when it loaded; 8-bit cannot move
+        return model.eval()
     return model.to(backend.device(0)).eval()
 
 

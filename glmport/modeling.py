@@ -288,7 +288,7 @@ def preflight(info: ModelInfo, backend, mode: str, patch_sets, consent: RemoteCo
 
 def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_unverified: bool = False,
                config_overrides: dict | None = None, consent: RemoteCodeConsent | None = None,
-               check_tokenizer=None) -> LoadedModel:
+               check_tokenizer=None, quantization_config=None) -> LoadedModel:
     """Load tokenizer and model from ``info.path`` for ``mode`` (``train``/``infer``) on ``backend``, with
     the patches ``patch_sets`` (the caller's ``manager.patch_sets``) selects.
 
@@ -300,9 +300,10 @@ def load_model(info: ModelInfo, backend, *, mode: str, dtype, patch_sets, allow_
     session = _start_session(info, backend, mode, patch_sets, consent)
     try:
         if info.kind == "native":
-            model, tokenizer = _load_native(info, dtype, config_overrides, check_tokenizer)
+            model, tokenizer = _load_native(info, dtype, config_overrides, check_tokenizer, quantization_config)
         else:
-            model, tokenizer = _load_remote(info, dtype, session, config_overrides, check_tokenizer)
+            model, tokenizer = _load_remote(info, dtype, session, config_overrides, check_tokenizer,
+                                            quantization_config)
         session.verify_after_build(model)
     except Exception:
         session.undo()
@@ -348,7 +349,7 @@ def _load_tokenizer(info: ModelInfo, session):
     return tokenizer_cls.from_pretrained(str(info.path))
 
 
-def _load_native(info: ModelInfo, dtype, config_overrides, check_tokenizer=None):
+def _load_native(info: ModelInfo, dtype, config_overrides, check_tokenizer=None, quantization_config=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = _load_tokenizer(info, None)
@@ -357,11 +358,12 @@ def _load_native(info: ModelInfo, dtype, config_overrides, check_tokenizer=None)
     config = AutoConfig.from_pretrained(str(info.path))
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(str(info.path), config=config, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(info.path), config=config, dtype=dtype,
+                                                 **_quantized(quantization_config))
     return model, tokenizer
 
 
-def _load_remote(info: ModelInfo, dtype, session, config_overrides, check_tokenizer=None):
+def _load_remote(info: ModelInfo, dtype, session, config_overrides, check_tokenizer=None, quantization_config=None):
     config_cls, model_cls, _ = session.remote_classes
     tokenizer = _load_tokenizer(info, session)
     if check_tokenizer is not None:
@@ -370,5 +372,12 @@ def _load_remote(info: ModelInfo, dtype, session, config_overrides, check_tokeni
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
     config.torch_dtype = dtype  # the remote code builds its layers in config.torch_dtype
-    model = model_cls.from_pretrained(str(info.path), config=config, dtype=dtype, empty_init=False)
+    model = model_cls.from_pretrained(str(info.path), config=config, dtype=dtype, empty_init=False,
+                                      **_quantized(quantization_config))
     return model, tokenizer
+
+
+def _quantized(quantization_config) -> dict:
+    """``from_pretrained`` arguments of a bitsandbytes load (QLoRA, :mod:`glmport.train.quantization`): transformers
+    swaps the linear layers for bitsandbytes ones and quantizes the weights as they are placed on the device."""
+    return {} if quantization_config is None else {"quantization_config": quantization_config}

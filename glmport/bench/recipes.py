@@ -21,15 +21,16 @@ class Recipe:
     change: str  # what this recipe changes from the one before it
     micro_batch: int | None  # samples per micro-batch (None: all samples of the step in one micro-batch)
     collator: str  # "seq2seq" (DataCollatorForSeq2Seq, padding longest), "glmport" (padded), "packed"
-    checkpointing: bool
+    checkpointing: str  # "off", "full" or "selective" (glmport.train.checkpointing)
     loss: str  # "full-vocab" (the remote code's) or "label-rows" (glmport.train.loss)
+    compile: bool = False  # torch.compile of each transformer layer (glmport.compile)
 
 
 REFERENCE = Recipe("reference", "finetune_hf.py: batches of 4, padding longest, checkpointing, fp32 full-vocabulary loss",
-                   4, "seq2seq", True, "full-vocab")
+                   4, "seq2seq", "full", "full-vocab")
 
 STEPS = (
-    ("no-checkpointing", "gradient checkpointing off", {"checkpointing": False}),
+    ("no-checkpointing", "gradient checkpointing off", {"checkpointing": "off"}),
     ("label-rows", "loss on label rows only, fp32 in chunks (no full-vocabulary logits)", {"loss": "label-rows"}),
     ("one-microbatch", "all samples of the step in one micro-batch (glmport's collator)",
      {"micro_batch": None, "collator": "glmport"}),
@@ -52,10 +53,15 @@ def glmport_recipe(packing: bool = True) -> Recipe:
     return replace(ladder(packing)[-1], name="glmport", change="glmport's defaults")
 
 
-def select(which: str, packing: bool) -> list[Recipe]:
-    """``--recipe`` glmport | reference | all."""
-    if which == "glmport":
-        return [glmport_recipe(packing)]
-    if which == "reference":
-        return [REFERENCE, glmport_recipe(packing)]
-    return ladder(packing)
+def select(which: str, packing: bool, checkpointing: str | None = None, compile: bool = False) -> list[Recipe]:
+    """``--recipe`` glmport | reference | all; ``--checkpointing`` and ``--compile`` change the last recipe
+    (glmport's, or the ladder's last rung), the one measured for glmport."""
+    recipes = [glmport_recipe(packing)] if which == "glmport" else \
+        [REFERENCE, glmport_recipe(packing)] if which == "reference" else ladder(packing)
+    last = recipes[-1]
+    changes = [f"checkpointing {checkpointing}"] if checkpointing and checkpointing != last.checkpointing else []
+    changes += ["torch.compile of each layer"] if compile else []
+    if changes:
+        recipes[-1] = replace(last, checkpointing=checkpointing or last.checkpointing, compile=compile,
+                              change=f"{last.change}; {', '.join(changes)}")
+    return recipes

@@ -136,12 +136,8 @@ def run_recipe(recipe: Recipe, settings: BenchSettings, *, shape, folder: Path, 
 
     from glmport.data.packing import enable_packed_attention, packing_refusal
     from glmport.modeling import inspect_model_dir, load_model, resolve_dtype
-    from glmport.train.methods import (
-        apply_method,
-        count_parameters,
-        enable_gradient_checkpointing,
-        prefix_config_overrides,
-    )
+    from glmport.train.checkpointing import apply_checkpointing, compile_layers, remove_selective
+    from glmport.train.methods import apply_method, count_parameters, prefix_config_overrides
     from glmport.train.trainer import GlmTrainer
 
     peft_config = settings.peft_config()
@@ -152,8 +148,9 @@ def run_recipe(recipe: Recipe, settings: BenchSettings, *, shape, folder: Path, 
                         config_overrides=prefix_config_overrides(info, peft_config))
     try:
         model = apply_method(loaded.model, info, settings.method, peft_config, backend)
-        if recipe.checkpointing:
-            enable_gradient_checkpointing(model, info)
+        apply_checkpointing(model, info, recipe.checkpointing, backend=backend)
+        if recipe.compile:
+            compile_layers(model, backend, key="--compile")
         if recipe.collator == "packed":
             refusal = packing_refusal(model, settings.method, peft_config)
             if refusal is not None:
@@ -190,6 +187,7 @@ def run_recipe(recipe: Recipe, settings: BenchSettings, *, shape, folder: Path, 
             accumulation = args.gradient_accumulation_steps
             del trainer
     finally:
+        remove_selective(loaded.model)  # the cores are the loaded model's; the patches come off next
         if loaded.patches is not None:
             loaded.patches.undo()
     return _measurements(recipe, settings, shape, clock, collator.batches, accumulation, losses, memory,
@@ -211,7 +209,8 @@ def _measurements(recipe, settings, shape, clock, batches, accumulation, losses,
     samples = settings.steps * settings.samples_per_step
     return {
         "recipe": recipe.name, "change": recipe.change, "micro_batch": recipe.micro_batch or settings.samples_per_step,
-        "collator": recipe.collator, "checkpointing": recipe.checkpointing, "loss": recipe.loss,
+        "collator": recipe.collator, "checkpointing": recipe.checkpointing, "compile": recipe.compile,
+        "loss": recipe.loss,
         "steps": settings.steps, "seconds": seconds,
         "step_s": {"mean": statistics.fmean(step_times), "min": min(step_times), "max": max(step_times)},
         "tokens_per_s": work.tokens / seconds, "label_tokens_per_s": work.label_rows / seconds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    # bitsandbytes (which peft imports whenever it is installed: glmport[qlora]) warns on import, in every
+    # command, that an optional CPU kernel from the Hub is not there; glmport never fetches kernels at run time.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         with _sigterm_raises_interrupted():
             manager = make_plugin_manager(args)

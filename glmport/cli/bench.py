@@ -58,12 +58,17 @@ def add_parser(subparsers, common) -> None:
                    help="predict peak memory of glmport's recipe at this shape without allocating anything")
     p.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
                    help="with --estimate: tokens per micro-batch to estimate for (default: from the workload)")
-    p.add_argument("--checkpointing", default="off", choices=("off", "full"),
-                   help="with --estimate: gradient checkpointing of the estimated configuration (default off)")
+    p.add_argument("--checkpointing", default=None, choices=("off", "full", "selective"),
+                   help="gradient checkpointing of glmport's recipe (the last one measured; default: the recipe's, "
+                        "off), or of the estimated configuration with --estimate (default off)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer layer in glmport's recipe (where the backend supports it)")
     p.add_argument("--attention", default="fused", choices=("fused", "masked"),
                    help="with --estimate: fused (flash/varlen kernels, no score matrix; default) or masked (SDPA "
                         "with a dense mask, as on a CPU)")
     p.add_argument("--rows", type=int, default=1, help="with --estimate: rows the micro-batch's tokens are in (default 1)")
+    p.add_argument("--quantization", default="none", choices=("none", "4bit", "8bit"),
+                   help="with --estimate: QLoRA's base weights through bitsandbytes (glmport.quantization; LoRA only)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no log lines on stderr")
     p.set_defaults(handler=cmd_bench)
@@ -125,7 +130,8 @@ def _run(args, manager, backend, shape, settings, folder) -> dict:
     from glmport.bench.report import run_bench
 
     return run_bench(shape=shape, folder=folder, workload=args.workload,
-                     recipes=select(args.recipe, packing=not args.no_packing), settings=settings, backend=backend,
+                     recipes=select(args.recipe, packing=not args.no_packing, checkpointing=args.checkpointing,
+                                    compile=args.compile), settings=settings, backend=backend,
                      patch_sets=manager.patch_sets, command="glmport " + shlex.join(sys.argv[1:]),
                      progress=None if args.quiet else lambda line: print(f"[glmport] {line}", file=sys.stderr))
 
@@ -170,10 +176,13 @@ def render(report: dict) -> str:
 def _estimate(args, shape) -> int:
     from glmport.bench.estimate import estimate_peak, render_estimate
 
+    if args.quantization != "none" and args.method != "lora":
+        raise ConfigError(f"--quantization {args.quantization}: QLoRA quantizes the frozen base of LoRA; "
+                          f"--method {args.method} trains the weights themselves: use --method lora or leave it out")
     result = estimate_peak(shape, method=args.method, workload=args.workload, dtype=args.dtype,
-                           tokens=args.tokens_per_step, checkpointing=args.checkpointing,
+                           tokens=args.tokens_per_step, checkpointing=args.checkpointing or "off",
                            samples_per_step=args.samples_per_step, lora_rank=args.lora_rank,
-                           attention=args.attention, rows=args.rows)
+                           attention=args.attention, rows=args.rows, quantization=args.quantization)
     if args.json:
         print_json(result)
     else:

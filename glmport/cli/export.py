@@ -45,9 +45,10 @@ def cmd_export(args, manager) -> int:
     backend = select_backend(manager.backends, args.backend or "cpu").backend
     consent = RemoteCodeConsent(trust=args.trust_remote_code, allow_unverified=args.allow_unverified_patches)
     with backend.activate():
-        # fp32: the adapter is merged at full precision and the weights are rounded once, when written
+        # fp32: the adapter is merged at full precision and the weights are rounded once, when written; a QLoRA
+        # result's adapter too, into the full-precision base (not the 4-bit one it trained on)
         bundle = load_for_inference(args.result, backend, patch_sets=manager.patch_sets, consent=consent,
-                                    dtype="fp32", base=args.base)
+                                    dtype="fp32", base=args.base, quantization="none")
         try:
             done = export(args.result, args.out, bundle, merge=args.merge, dtype=args.dtype,
                           max_shard_size=args.max_shard_size, force=args.force)

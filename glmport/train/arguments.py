@@ -18,6 +18,10 @@ log = logging.getLogger("glmport")
 def training_arguments(run: TrainingRun, *, has_eval: bool, generation: GenerationConfig | None = None):
     """Build ``Seq2SeqTrainingArguments``; transformers' own checks become a :class:`ConfigError`."""
     config, backend = run.config, run.backend
+    if config.glmport.compile:  # refused here, before the model is loaded, where the backend cannot compile
+        from glmport.train.checkpointing import check_compile
+
+        check_compile(backend, config.locate("glmport.compile"))
     args = dict(config.training_args)
     args["output_dir"] = str(run.output_dir)
     args.setdefault("report_to", "tensorboard" if has_tensorboard() else "none")

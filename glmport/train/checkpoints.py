@@ -107,6 +107,9 @@ def fingerprint(config, processes: int = 1) -> Fingerprint:
         "dtype": config.glmport.dtype,
         **{f"training_args.{key}": args.get(key) for key in IDENTITY_TRAINING_ARGS if key in args},
     }
+    quantization = getattr(config.glmport, "quantization", "none")
+    if quantization not in (None, "none"):  # QLoRA trains other numbers; left out otherwise, as before it existed
+        settings["quantization"] = quantization
     hashes = {}
     model_config = config.model_dir / "config.json" if config.model_dir is not None else None
     if model_config is not None and model_config.is_file():

@@ -17,6 +17,7 @@ from glmport.errors import BackendUnavailable, ConfigError, Problem
 from glmport.tiny import build_tiny_model
 from glmport.tiny.synthetic import ALPHABET, write_synthetic_splits
 from glmport.train.environment import EnvironmentChanges
+from glmport.train.quantization import quantization_problems
 
 log = logging.getLogger("glmport")
 
@@ -47,6 +48,7 @@ def load_config_and_backend(request, manager) -> tuple[RunConfig, Selection]:
         problems.extend(exc.problems)
     if selection is not None:
         problems.extend(precision_problems(config, selection.backend))
+        problems.extend(quantization_problems(config, selection.backend))
     raise_problems(config, problems)
     log_warnings(config)
     return config, selection
@@ -74,6 +76,8 @@ def launch_config_and_backend(request, manager, *, dry_run: bool) -> tuple[RunCo
             problems.append(_backend_problem(exc, source, requested))
     except ConfigError as exc:
         problems.extend(exc.problems)
+    if backend is not None:
+        problems.extend(quantization_problems(config, backend))
     raise_problems(config, problems)
     log_warnings(config)
     return config, backend

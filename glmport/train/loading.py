@@ -13,9 +13,11 @@ from glmport.data.loader import LoadResult
 from glmport.data.templates import Detection, detect_family, get_template
 from glmport.errors import GlmportError, ModelError, Problem
 from glmport.modeling import inspect_model_dir, load_model, resolve_dtype
+from glmport.train.checkpointing import apply_checkpointing, compile_layers, requested_mode
 from glmport.train.dataset import build_datasets
 from glmport.train.inputs import remote_code_consent
-from glmport.train.methods import apply_method, enable_gradient_checkpointing, prefix_config_overrides
+from glmport.train.methods import apply_method, prefix_config_overrides
+from glmport.train.quantization import bitsandbytes_config, check_quantized, prepare_for_training
 from glmport.train.state import TrainingRun
 
 log = logging.getLogger("glmport")
@@ -47,11 +49,16 @@ def load_base_model(run: TrainingRun, patch_sets) -> None:
                 "glmport.model_family", f"{'; '.join(detected[0].evidence)}: a {detected[0].family} tokenizer, but "
                 f"{info.family} was assumed for the patches and dtype", f"set glmport.model_family: {detected[0].family}")])
 
+    quantization = config.glmport.quantization
     run.loaded = load_model(
         info, backend, mode="train", dtype=dtype, patch_sets=patch_sets,
         config_overrides=prefix_config_overrides(info, config.peft_config), consent=remote_code_consent(config),
-        check_tokenizer=detect,
+        check_tokenizer=detect, quantization_config=bitsandbytes_config(quantization, dtype),
     )
+    if quantization != "none":  # QLoRA (glmport.train.quantization): checked before the run, readied here
+        check_quantized(run.loaded.model, quantization, info)
+        run.loaded.model = prepare_for_training(run.loaded.model)
+        run.notes.append(f"QLoRA: base model in {quantization} through bitsandbytes (glmport.quantization)")
     log.info("%s", detected[0].describe())
     run.template = get_template(detected[0].template, run.loaded.tokenizer, combine=config.combine,
                                 detection=detected[0])
@@ -70,5 +77,10 @@ def apply_training_method(run: TrainingRun) -> None:
     """Wrap or freeze the loaded model for the method, and turn checkpointing on if asked; sets ``run.model``."""
     config = run.config
     run.model = apply_method(run.loaded.model, run.loaded.info, config.method, config.peft_config, run.backend)
-    if config.training_args.get("gradient_checkpointing") or config.training_args.get("activation_checkpointing"):
-        enable_gradient_checkpointing(run.model, run.loaded.info)
+    plan = apply_checkpointing(run.model, run.loaded.info, requested_mode(config), backend=run.backend, config=config,
+                               method=config.method)
+    if "decision" in plan:  # auto: what it chose and why, before the first step
+        run.notes.append(plan["decision"])
+    if config.glmport.compile:
+        run.notes.append(f"compiled {compile_layers(run.model, run.backend)} transformer layers with torch.compile "
+                         "(glmport.compile)")

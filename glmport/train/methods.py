@@ -134,7 +134,8 @@ def enable_gradient_checkpointing(model, info) -> str:
     flags = [m.gradient_checkpointing for m in base.modules() if hasattr(m, "gradient_checkpointing")]
     if not any(flags):
         raise ConfigError(
-            "training_args.gradient_checkpointing: the model did not turn gradient checkpointing on "
+            "gradient checkpointing (glmport.gradient_checkpointing: full, or training_args.gradient_checkpointing: "
+            "true): the model did not turn it on "
             f"({info.kind} {info.family}); this is the silent no-op of the 2024 remote code, which the compat "
             "patch set should have fixed: run `glmport patch plan` on the folder"
         )

@@ -102,6 +102,7 @@ def _write_metadata(run: TrainingRun, staging: Path, content: str) -> None:
         "combine": run.config.combine,
         "backend": run.backend.name,
         "dtype": str(run.loaded.dtype).replace("torch.", ""),
+        "quantization": run.config.glmport.quantization,  # QLoRA: infer loads the base the same way where it can
         "patches": run.loaded.patches.summary() if run.loaded.patches else None,
         "global_step": run.trainer.state.global_step,
     })

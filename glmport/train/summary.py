@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from glmport.train.callbacks import format_duration
+from glmport.train.checkpointing import plan_of
 from glmport.train.faults import write_faults
 from glmport.train.outputs import LOSS_PLOT, RESULT_DIR, SUMMARY_FILE, write_json_atomic
 from glmport.train.plot import write_loss_plot
@@ -80,6 +81,7 @@ def _summarize(run: TrainingRun, started: float, result_dir: Path, predictions: 
         "tokens_seen": trainer.tokens_seen,
         "label_tokens_seen": trainer.label_tokens_seen,
         "peak_memory_bytes": peak,  # the highest of any rank's device
+        "gradient_checkpointing": plan_of(run.model),  # the mode (auto: its numbers), compiled layers
         "guard_64bit": {"mode": run.guard_mode, "ops_checked": guard.ops_checked,
                         "leaks": [str(leak) for leak in guard.leaks]},
         "data": stats,

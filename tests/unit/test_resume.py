@@ -163,3 +163,24 @@ def test_a_changed_run_is_refused_unless_forced_and_a_changed_model_never(tmp_pa
         plan_resume(out, "yes", run_fingerprint=rank, force=True)
     with pytest.raises(ResumeError, match="past training_args.max_steps 1"):
         plan_resume(out, "yes", run_fingerprint=same, max_steps=1)
+
+
+def test_qlora_is_part_of_the_fingerprint_and_plain_runs_keep_theirs(tmp_path):
+    """Resuming a 4-bit QLoRA run on a full-precision base (or the other way) trains other numbers: the
+    fingerprints differ. A run without quantization fingerprints as it did before the setting existed."""
+    from glmport.config import read_run_config
+    from glmport.train.checkpoints import fingerprint
+
+    (tmp_path / "train.jsonl").write_text('{"conversations": [{"role": "user", "content": "q"}]}\n')
+    (tmp_path / "run.yaml").write_text("data_config: {train_file: train.jsonl}\nmax_input_length: 8\n"
+                                       "max_output_length: 8\ntraining_args: {output_dir: out}\n"
+                                       "peft_config: {peft_type: LORA, task_type: CAUSAL_LM, r: 4}\n")
+
+    def settings(*overrides):
+        config, problems = read_run_config(tmp_path / "run.yaml", list(overrides), data_dir=tmp_path)
+        assert [p for p in problems if "quantization" in str(p)] == []
+        return fingerprint(config).settings
+
+    plain, qlora = settings(), settings("glmport.quantization=4bit")
+    assert "quantization" not in plain and settings("glmport.quantization=none") == plain
+    assert qlora == {**plain, "quantization": "4bit"}
