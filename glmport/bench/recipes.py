@@ -53,15 +53,19 @@ def glmport_recipe(packing: bool = True) -> Recipe:
     return replace(ladder(packing)[-1], name="glmport", change="glmport's defaults")
 
 
-def select(which: str, packing: bool, checkpointing: str | None = None, compile: bool = False) -> list[Recipe]:
-    """``--recipe`` glmport | reference | all; ``--checkpointing`` and ``--compile`` change the last recipe
-    (glmport's, or the ladder's last rung), the one measured for glmport."""
+def select(which: str, packing: bool, checkpointing: str | None = None, compile: bool = False,
+           micro_batch: int | None = None) -> list[Recipe]:
+    """``--recipe`` glmport | reference | all; ``--checkpointing``, ``--compile`` and ``--micro-batch`` change the
+    last recipe (glmport's, or the ladder's last rung), the one measured for glmport. (Whether one micro-batch
+    of all the step's samples beats several smaller ones depends on the device: on a CPU it need not.)"""
     recipes = [glmport_recipe(packing)] if which == "glmport" else \
         [REFERENCE, glmport_recipe(packing)] if which == "reference" else ladder(packing)
     last = recipes[-1]
     changes = [f"checkpointing {checkpointing}"] if checkpointing and checkpointing != last.checkpointing else []
     changes += ["torch.compile of each layer"] if compile else []
+    changes += [f"micro-batches of {micro_batch}"] if micro_batch is not None else []
     if changes:
         recipes[-1] = replace(last, checkpointing=checkpointing or last.checkpointing, compile=compile,
+                              micro_batch=micro_batch if micro_batch is not None else last.micro_batch,
                               change=f"{last.change}; {', '.join(changes)}")
     return recipes

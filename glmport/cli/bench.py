@@ -51,6 +51,9 @@ def add_parser(subparsers, common) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="base weight dtype (default: the backend's, as training picks it)")
     p.add_argument("--no-packing", action="store_true", help="leave padding-free packing out of glmport's recipe")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="samples per micro-batch of glmport's recipe (the last one measured), with gradient "
+                        "accumulation up to --samples-per-step (default: all samples of a step in one micro-batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the samples (default 0)")
     p.add_argument("--model-cache", type=Path, default=None, metavar="DIR",
                    help="where the random-weight model folders are kept (default ~/.cache/glmport/bench-models)")
@@ -84,6 +87,9 @@ def _check(args) -> None:
                                ("--row-tokens", args.row_tokens or 16, 16), ("--lora-rank", args.lora_rank, 1)):
         if value < least:
             problems.append(Problem(flag, f"{value} is below {least}", f"use {least} or more"))
+    if args.micro_batch is not None and (args.micro_batch < 1 or args.samples_per_step % args.micro_batch):
+        problems.append(Problem("--micro-batch", f"{args.micro_batch} does not divide --samples-per-step "
+                                f"{args.samples_per_step}", "use a divisor of the samples per step"))
     if args.recipe != "glmport" and args.samples_per_step % 4:
         problems.append(Problem("--samples-per-step", f"{args.samples_per_step} is not a multiple of 4, the "
                                 "reference recipe's batch size", "use a multiple of 4, or --recipe glmport"))
@@ -131,7 +137,8 @@ def _run(args, manager, backend, shape, settings, folder) -> dict:
 
     return run_bench(shape=shape, folder=folder, workload=args.workload,
                      recipes=select(args.recipe, packing=not args.no_packing, checkpointing=args.checkpointing,
-                                    compile=args.compile), settings=settings, backend=backend,
+                                    compile=args.compile, micro_batch=args.micro_batch),
+                     settings=settings, backend=backend,
                      patch_sets=manager.patch_sets, command="glmport " + shlex.join(sys.argv[1:]),
                      progress=None if args.quiet else lambda line: print(f"[glmport] {line}", file=sys.stderr))
 

@@ -139,3 +139,24 @@ def test_bench_estimate_prints_terms_without_a_model(tmp_path):
 
     report = json.loads(result.stdout)
     assert report["tokens_per_micro_batch"] == 8192 and report["peak_gib"] > report["terms"]["weights"] / 2**30
+
+
+def test_the_glmport_recipe_can_take_smaller_micro_batches():
+    """``--micro-batch N`` changes only the recipe measured for glmport, and says so in its change text."""
+    from glmport.bench.recipes import REFERENCE, ladder, select
+
+    reference, ours = select("reference", packing=True, micro_batch=4)
+    assert reference == REFERENCE
+    assert (ours.micro_batch, ours.collator, ours.loss, ours.checkpointing) == (4, "packed", "label-rows", "off")
+    assert ours.change.endswith("micro-batches of 4")
+    rungs = select("all", packing=True, micro_batch=4)
+    assert rungs[:-1] == ladder(True)[:-1] and rungs[-1].micro_batch == 4
+    assert select("glmport", packing=True)[0].micro_batch is None  # default: one micro-batch per step
+
+
+def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
+    from glmport.testing import ok, run_cli
+
+    failed = ok(run_cli("bench", "--micro-batch", "5", "--samples-per-step", "16", "--steps", "1",
+                        "--allow-few-steps"), exit_code=2)
+    assert "--micro-batch: 5 does not divide --samples-per-step 16" in failed.stderr
