@@ -43,6 +43,11 @@ def stop_with_launcher() -> None:
         return
     import ctypes
 
+    # A launcher started under nohup hands its ignored SIGHUP down; the rank runs in a session of its own (no
+    # terminal can hang up on it), so here SIGHUP means only this, and must not be ignored.
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     PR_SET_PDEATHSIG = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)

@@ -20,8 +20,8 @@ launcher's copy that reaches a rank after the ranks agreed to stop is its first,
 
 A launched rank also stops this way when its launcher dies without stopping it (killed outright): the kernel
 sends it SIGHUP then (:func:`glmport.launch.worker.stop_with_launcher`), once for every thread of the dead
-launcher it is handed on to, so repeated SIGHUPs count as one and never abort. A SIGHUP that was ignored
-when training started (``nohup``) stays ignored.
+launcher it is handed on to, so repeated SIGHUPs count as one and never abort. In a single process, a
+SIGHUP that was ignored when training started (``nohup``) stays ignored.
 """
 
 from __future__ import annotations
