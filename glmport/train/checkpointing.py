@@ -6,7 +6,7 @@
   module of ChatGLM2/3 and GLM-4), the part whose saved tensors grow with the square of the row length
   when attention runs with a dense mask; the linear layers keep their outputs, so the expensive matmuls
   run once. A non-reentrant :func:`torch.utils.checkpoint.checkpoint` wraps each core's forward, installed
-  on the module instances (:class:`SelectiveCheckpointing`, ``.remove()`` takes it off).
+  on the module instances (:func:`enable_selective`; :func:`remove_selective` takes it off).
 * ``auto``: the least recompute whose estimated peak fits the device's free memory with a margin, from the
   analytic model of :mod:`glmport.bench.estimate` at the loaded model's shape and the run's token budget.
 
@@ -67,34 +67,23 @@ def _checkpointed(module: torch.nn.Module):
     return forward
 
 
-class SelectiveCheckpointing:
-    """The checkpointed forwards on the attention cores of one model; :meth:`remove` restores them."""
-
-    def __init__(self, cores: list[torch.nn.Module]):
-        self.cores = cores
-        for core in cores:
-            core.forward = _checkpointed(core)
-
-    def remove(self) -> None:
-        for core in self.cores:
-            core.__dict__.pop("forward", None)
-        self.cores = []
-
-
 def remove_selective(model) -> None:
     """Take selective checkpointing off every attention core of ``model`` (nothing happens where it was off)."""
     for core in attention_cores(model):
         core.__dict__.pop("forward", None)
 
 
-def enable_selective(model, info) -> SelectiveCheckpointing:
+def enable_selective(model, info) -> int:
+    """Checkpoint every attention core of ``model``; returns how many."""
     cores = attention_cores(model)
     if not cores:
         raise ConfigError(f"{KEY}: selective recomputes the attention core, a module of the remote code's "
                           f"ChatGLM2/ChatGLM3/GLM-4 attention; this {info.kind} {info.family} model has none", [
                               Problem(KEY, "selective is not available for this model",
                                       "use full (every layer recomputed) or off")])
-    return SelectiveCheckpointing(cores)
+    for core in cores:
+        core.forward = _checkpointed(core)
+    return len(cores)
 
 
 # --- auto: the estimate against free memory ----------------------------------------------------------
@@ -183,7 +172,7 @@ def apply_checkpointing(model, info, mode: str, *, backend=None, config=None, me
     if plan["mode"] == "full":
         enable_gradient_checkpointing(model, info)
     elif plan["mode"] == "selective":
-        plan["recomputed_modules"] = len(enable_selective(model, info).cores)
+        plan["recomputed_modules"] = enable_selective(model, info)
     model._glmport_checkpointing = plan
     return plan
 
